@@ -1,0 +1,3 @@
+from advdet.cli import main
+
+main()

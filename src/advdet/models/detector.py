@@ -1,0 +1,157 @@
+"""The Detector contract (DESIGN.md, models/): one wrapper so that attacks never special-case a model.
+
+Input of every method: ``x`` float32 RGB in [0, 1], shape (B, 3, S, S), already letterboxed; the
+wrapper normalises internally, so gradients reach raw pixels.
+
+- ``dense(x) -> DenseOutput``: pre-NMS candidates, differentiable w.r.t. ``x``.
+- ``predict(x) -> list[dict]``: per image ``boxes`` (M, 4) xyxy in input pixels, ``scores`` (M,),
+  ``labels`` (M,) int64 contiguous in 0..K-1 (and ``masks`` (M, S, S) float in [0, 1] for mask models).
+- ``loss(x, targets) -> dict[str, Tensor]``: the family's training losses by name; always has ``cls``
+  and ``loc`` (plus family-specific terms). ``targets`` is a list of dicts with ``boxes`` (N, 4) xyxy in
+  input pixels and ``labels`` (N,) int64 contiguous (``masks`` (N, S, S) for mask models).
+- ``model``: the wrapped ``nn.Module``, so relevance rules can be applied to its layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+ScoreMode = Literal["softmax_bg", "sigmoid"]
+
+
+@dataclass
+class DenseOutput:
+    """Pre-NMS candidates of a batch; every tensor has batch dim B and candidate dim N.
+
+    logits: (B, N, C) raw class scores. With ``score_mode == "softmax_bg"`` C = K + 1 and column 0 is
+        background (SSD, Faster R-CNN); with ``"sigmoid"`` C = K (RetinaNet, FCOS, YOLO).
+    boxes: (B, N, 4) decoded xyxy boxes in input pixels (for class-specific regression: the box of
+        the best foreground class).
+    anchors: (B, N, 4) the prior / anchor / proposal boxes the candidates were decoded from.
+    objectness: (B, N) objectness (YOLO) or centerness (FCOS) logits, else None.
+    valid: (B, N) bool; False marks padding (two-stage models pad proposals to a common N).
+    extra: family-specific tensors (e.g. per-level candidate counts, class-specific boxes).
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    anchors: torch.Tensor
+    score_mode: ScoreMode
+    objectness: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.valid is None:
+            self.valid = torch.ones(self.logits.shape[:2], dtype=torch.bool, device=self.logits.device)
+
+    @property
+    def num_classes(self) -> int:
+        c = self.logits.shape[-1]
+        return c - 1 if self.score_mode == "softmax_bg" else c
+
+    def class_probs(self) -> torch.Tensor:
+        """(B, N, K) per-class confidence in [0, 1] of foreground classes (times objectness if any)."""
+        if self.score_mode == "softmax_bg":
+            p = self.logits.softmax(-1)[..., 1:]
+        else:
+            p = self.logits.sigmoid()
+        if self.objectness is not None:
+            p = p * self.objectness.sigmoid()[..., None]
+        return p
+
+    def fg_logits(self) -> torch.Tensor:
+        """(B, N, K) foreground class logits (background column dropped)."""
+        return self.logits[..., 1:] if self.score_mode == "softmax_bg" else self.logits
+
+    def detach(self) -> "DenseOutput":
+        def d(t):
+            return t.detach() if isinstance(t, torch.Tensor) else t
+
+        return replace(self, logits=d(self.logits), boxes=d(self.boxes), anchors=d(self.anchors),
+                       objectness=d(self.objectness), valid=d(self.valid),
+                       extra={k: d(v) for k, v in self.extra.items()})
+
+
+@dataclass(frozen=True)
+class NMSConfig:
+    """Post-processing settings: per-class score threshold, NMS IoU, candidates kept before NMS, output cap."""
+
+    score_thresh: float = 0.01
+    nms_thresh: float = 0.45
+    pre_nms_topk: int = 1000
+    max_detections: int = 100
+
+
+def postprocess_dense(dense: DenseOutput, cfg: NMSConfig, image_size: int) -> list[dict]:
+    """Class-wise NMS over dense candidates: the post-processing of the one-stage families here.
+
+    Every (candidate, class) pair with score > ``score_thresh`` competes; the ``pre_nms_topk`` best go
+    through per-class NMS at ``nms_thresh``; the best ``max_detections`` survive. Boxes are clipped to the
+    input.
+    """
+    probs = dense.class_probs().detach()
+    boxes_all = dense.boxes.detach().clamp(0, image_size)
+    out = []
+    for b in range(probs.shape[0]):
+        p = probs[b].masked_fill(~dense.valid[b, :, None], 0)
+        scores = p.flatten()
+        keep = torch.nonzero(scores > cfg.score_thresh).squeeze(1)
+        if keep.numel() > cfg.pre_nms_topk:
+            keep = keep[scores[keep].topk(cfg.pre_nms_topk).indices]
+        k = p.shape[1]
+        idx, labels = keep // k, keep % k
+        bx, sc = boxes_all[b][idx], scores[keep]
+        nonempty = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
+        bx, sc, labels = bx[nonempty], sc[nonempty], labels[nonempty]
+        kept = batched_nms(bx, sc, labels, cfg.nms_thresh)[: cfg.max_detections]
+        out.append({"boxes": bx[kept], "scores": sc[kept], "labels": labels[kept]})
+    return out
+
+
+class Detector(nn.Module):
+    """Base class of every wrapped detector; subclasses implement ``dense``, ``predict`` and ``loss``.
+
+    Attributes: ``family`` (str), ``num_classes`` (K, foreground only), ``input_size`` (S),
+    ``model`` (the wrapped module), ``has_masks``.
+    """
+
+    family: str = "detector"
+    has_masks: bool = False
+
+    def __init__(self, model: nn.Module, num_classes: int, input_size: int):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.input_size = input_size
+
+    def dense(self, x: torch.Tensor) -> DenseOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> list[dict]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error for a wrongly shaped input (the contract is (B, 3, S, S) in [0, 1])."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects (B, 3, S, S) RGB in [0, 1], got {tuple(x.shape)}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def check_finite(name: str, **tensors: torch.Tensor) -> None:
+    """Raise a clear error when a model output is NaN or infinite."""
+    for k, t in tensors.items():
+        if t is not None and not torch.isfinite(t).all():
+            raise FloatingPointError(f"{name}: non-finite values in {k} (diverged weights or bad input?)")

@@ -1,0 +1,95 @@
+"""Model weights as safetensors plus a JSON model card; strict, clear-error loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from advdet.data.io import atomic_write_json
+
+
+class CheckpointError(ValueError):
+    """A weights file that does not fit the model (or cannot be read); the message names the file."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, card: dict | None = None) -> dict:
+    """Save ``model.state_dict()`` to ``path`` (.safetensors) and its card to the same name with .json.
+
+    The card gets ``file_size`` and ``sha256`` of the weights. Both files are written atomically.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    card = dict(card or {})
+    card.update(file=path.name, file_size=path.stat().st_size, sha256=sha256_file(path))
+    atomic_write_json(path.with_suffix(".json"), card, indent=2)
+    return card
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, or a torch state dict with ``weights_only=True``; clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable or truncated weights file ({err})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state dict (got {type(obj).__name__})")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load weights into ``model``, checking keys and shapes first.
+
+    A checkpoint for another architecture or class count raises ``CheckpointError`` naming the file and
+    the first mismatching keys and shapes.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if shape_bad:
+        problems.append(f"{len(shape_bad)} shape mismatches (e.g. {shape_bad[:3]})")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__} (another architecture or class "
+                              f"count?): " + "; ".join(problems))
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    p = Path(path).with_suffix(".json")
+    return json.loads(p.read_text()) if p.is_file() else {}

@@ -1,0 +1,404 @@
+"""YOLOv3 (Redmon & Farhadi, 2018): Darknet-53 backbone, three-scale head, and its Detector wrapper.
+
+The network registers its convolutions in the exact order of Darknet's ``yolov3.cfg`` (75 convs: the
+52 of Darknet-53, then the stride-32 head with its detection conv, the route/1x1/upsample branch and
+the stride-16 head, then the same for stride 8), so a real ``yolov3.weights`` file loads into
+``yolov3(num_classes=80)`` with :func:`advdet.models.darknet_weights.load_darknet_weights`, and
+``darknet53.conv.74`` (the ImageNet backbone) loads with ``num_convs=52``.
+
+``width`` multiplies every channel count and ``depth`` every residual count (at least one block per
+stage), so a small variant (``yolov3_small``) for the embedded ``shapes`` benchmark exists; the full
+model is ``width = depth = 1``.
+
+Loss (keras-yolo3 / Darknet, which the RAD reference code uses): each ground-truth box goes to its
+best anchor by shape IoU (all 9 anchors, boxes centred together) at that anchor's scale, in the cell
+holding its centre. Box terms: BCE on sigmoid(tx, ty) against the in-cell offset plus
+0.5 * squared error on (tw, th) against log(gt / anchor), both weighted by 2 - w*h / S^2. Objectness:
+BCE, positives towards 1 and negatives towards 0, where a non-positive candidate whose decoded box
+overlaps any ground truth of its image with IoU > 0.5 is ignored. Class: BCE (one-hot, per class) on
+positives. Every term is a sum over candidates divided by the batch size B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou
+
+from advdet.models.box_ops import cxcywh_to_xyxy
+from advdet.models.detector import Detector, DenseOutput, NMSConfig, check_finite, postprocess_dense
+
+__all__ = [
+    "COCO_ANCHORS",
+    "ANCHOR_MASKS",
+    "YOLO_NMS",
+    "ConvBNLeaky",
+    "YOLOv3Net",
+    "YOLOv3Detector",
+    "yolov3",
+    "yolov3_small",
+]
+
+#: The YOLOv3 COCO anchors (w, h) in pixels at 416 px, small to large (yolov3.cfg).
+COCO_ANCHORS: tuple[tuple[float, float], ...] = (
+    (10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
+#: Anchor indices used by each output, in output order (strides 32, 16, 8), as the cfg's ``mask=``.
+ANCHOR_MASKS: tuple[tuple[int, ...], ...] = ((6, 7, 8), (3, 4, 5), (0, 1, 2))
+#: YOLO-style test-time post-processing (Darknet/keras-yolo3 use conf 0.005, NMS 0.45).
+YOLO_NMS = NMSConfig(score_thresh=0.005, nms_thresh=0.45, pre_nms_topk=1000, max_detections=100)
+
+_STAGE_CHANNELS = (64, 128, 256, 512, 1024)
+_STAGE_BLOCKS = (1, 2, 8, 8, 4)
+
+
+class ConvBNLeaky(nn.Module):
+    """Darknet ``[convolutional]`` with ``batch_normalize=1``: conv (no bias), BN, LeakyReLU(0.1)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-5)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Residual(nn.Module):
+    """Darknet residual unit: 1x1 (c/2), 3x3 (c), ``[shortcut] from=-3`` (plain addition)."""
+
+    def __init__(self, c: int, c_mid: int):
+        super().__init__()
+        self.conv1 = ConvBNLeaky(c, c_mid, 1)
+        self.conv2 = ConvBNLeaky(c_mid, c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.conv1(x))
+
+
+class YoloBlock(nn.Module):
+    """One YOLOv3 head: five alternating 1x1/3x3 convs (``neck``, whose output feeds the route), a 3x3
+    conv and the linear detection conv (``out``, with bias, no BN)."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__()
+        c2 = 2 * c_mid
+        self.neck = nn.Sequential(
+            ConvBNLeaky(c_in, c_mid, 1), ConvBNLeaky(c_mid, c2, 3), ConvBNLeaky(c2, c_mid, 1),
+            ConvBNLeaky(c_mid, c2, 3), ConvBNLeaky(c2, c_mid, 1))
+        self.conv = ConvBNLeaky(c_mid, c2, 3)
+        self.out = nn.Conv2d(c2, c_out, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        route = self.neck(x)
+        return self.out(self.conv(route)), route
+
+
+class YOLOv3Net(nn.Module):
+    """Darknet-53 + YOLOv3 head; returns the raw detection maps, one per scale.
+
+    Args:
+        num_classes: K.
+        width: channel multiplier (1.0 = Darknet-53); every channel count c becomes max(1, round(c*width)).
+        depth: residual-count multiplier; stage counts (1, 2, 8, 8, 4) become max(1, round(n*depth)).
+        num_anchors: anchors per scale (3 in YOLOv3).
+
+    Input: (B, 3, H, W) with H and W multiples of 32 (YOLO takes [0, 1] RGB as it is).
+    Output: list of three tensors in Darknet's order (strides 32, 16, 8), each
+    (B, A*(5+K), H/s, W/s); channel a*(5+K)+c holds, for anchor a, c = 0..3 tx, ty, tw, th, 4 the
+    objectness logit, 5.. the class logits.
+
+    ``darknet_convs()`` lists (conv, bn-or-None) in yolov3.cfg order, which is also the registration
+    order of the modules.
+    """
+
+    def __init__(self, num_classes: int = 80, width: float = 1.0, depth: float = 1.0, num_anchors: int = 3):
+        super().__init__()
+        if num_classes < 1 or width <= 0 or depth <= 0 or num_anchors < 1:
+            raise ValueError(f"YOLOv3Net: bad arguments num_classes={num_classes} width={width} "
+                             f"depth={depth} num_anchors={num_anchors}")
+        self.num_classes, self.num_anchors, self.width, self.depth = num_classes, num_anchors, width, depth
+
+        def ch(c: int) -> int:
+            return max(1, int(round(c * width)))
+
+        c_out = num_anchors * (5 + num_classes)
+        # Backbone: stem, then per stage a stride-2 conv and its residual units.
+        self.stem = ConvBNLeaky(3, ch(32), 3)
+        stages = []
+        c_prev = ch(32)
+        for c, n in zip(_STAGE_CHANNELS, _STAGE_BLOCKS):
+            blocks = [ConvBNLeaky(c_prev, ch(c), 3, stride=2)]
+            blocks += [Residual(ch(c), ch(c // 2)) for _ in range(max(1, int(round(n * depth))))]
+            stages.append(nn.Sequential(*blocks))
+            c_prev = ch(c)
+        self.stages = nn.ModuleList(stages)
+        # Head, in cfg order: stride 32; route/1x1/upsample + stride 16; route/1x1/upsample + stride 8.
+        self.head32 = YoloBlock(ch(1024), ch(512), c_out)
+        self.lateral16 = ConvBNLeaky(ch(512), ch(256), 1)
+        self.head16 = YoloBlock(ch(256) + ch(512), ch(256), c_out)
+        self.lateral8 = ConvBNLeaky(ch(256), ch(128), 1)
+        self.head8 = YoloBlock(ch(128) + ch(256), ch(128), c_out)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        a, k = self.num_anchors, self.num_classes
+        for head in (self.head32, self.head16, self.head8):
+            nn.init.normal_(head.out.weight, std=0.01)
+            with torch.no_grad():
+                bias = head.out.bias.view(a, 5 + k)
+                bias.zero_()
+                bias[:, 4] = math.log(0.01 / 0.99)  # objectness prior 0.01: stable start of training
+
+    @property
+    def num_backbone_convs(self) -> int:
+        """Convs of the backbone (52 for Darknet-53: ``num_convs`` for ``darknet53.conv.74``)."""
+        return 1 + sum(len(stage) * 2 - 1 for stage in self.stages)
+
+    def darknet_convs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+        """(conv, bn) pairs in yolov3.cfg order; bn is None for the three detection convs."""
+        out: list[tuple[nn.Conv2d, nn.BatchNorm2d | None]] = []
+        for m in self.modules():
+            if isinstance(m, ConvBNLeaky):
+                out.append((m.conv, m.bn))
+            elif isinstance(m, YoloBlock):
+                pass  # its children are visited next, in registration order
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                out.append((m, None))
+        return out
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"YOLOv3Net expects (B, 3, H, W) with H, W multiples of 32, got {tuple(x.shape)}")
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        c3, c4, c5 = feats[2], feats[3], feats[4]  # strides 8, 16, 32 (cfg layers 36, 61, 74)
+        p32, r = self.head32(c5)
+        r = F.interpolate(self.lateral16(r), scale_factor=2.0, mode="nearest")
+        p16, r = self.head16(torch.cat([r, c4], 1))  # [route] layers = -1, 61
+        r = F.interpolate(self.lateral8(r), scale_factor=2.0, mode="nearest")
+        p8, _ = self.head8(torch.cat([r, c3], 1))  # [route] layers = -1, 36
+        return [p32, p16, p8]
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
+class YOLOv3Detector(Detector):
+    """YOLOv3 behind the Detector contract.
+
+    Args:
+        model: a :class:`YOLOv3Net` with ``model.num_classes == num_classes``.
+        num_classes: K, foreground classes (no background).
+        input_size: S, the letterboxed input side; the default anchors are the COCO anchors times S/416.
+        anchors: 9 anchors (w, h) in input pixels, small to large; output i uses ``anchor_masks[i]``.
+        anchor_masks: anchor indices per output, in output order (strides 32, 16, 8).
+        nms: post-processing of ``predict`` (default :data:`YOLO_NMS`: score 0.005, NMS 0.45,
+            1000 candidates before NMS, 100 detections).
+
+    Input (every method): ``x`` float32 (B, 3, S, S) RGB in [0, 1], S a multiple of 32; YOLO takes it
+    as it is (no mean/std), so gradients reach raw pixels. Anchors are fixed in pixels, so another S
+    works but changes the anchor-to-image ratio.
+
+    ``dense(x) -> DenseOutput`` with N = sum over the three scales of (S/s)^2 * 3 (10647 at 416 px),
+    candidates ordered by scale (32, 16, 8), then row, column, anchor (the keras-yolo3 layout RAD used):
+
+    - ``logits`` (B, N, K): class logits, read with sigmoid (``score_mode == "sigmoid"``);
+    - ``objectness`` (B, N): objectness logits;
+    - ``boxes`` (B, N, 4): xyxy in input pixels, cx = (sigmoid(tx) + gx) * s, w = anchor_w * exp(tw)
+      (tw, th clamped at 10 inside exp), not clipped;
+    - ``anchors`` (B, N, 4): the anchor boxes, xyxy, centred on their cells;
+    - ``extra["raw"]`` (B, N, 5+K): the raw conv outputs (tx, ty, tw, th, obj, classes) and
+      ``extra["num_per_level"]`` / ``extra["strides"]`` / ``extra["sizes"]``: candidates, stride and
+      (H, W) of each scale (lists).
+
+    ``predict(x) -> list[dict]``: per image ``boxes`` (M, 4) float xyxy clipped to the input,
+    ``scores`` (M,) = sigmoid(obj) * sigmoid(cls), ``labels`` (M,) int64 in 0..K-1; exactly
+    ``postprocess_dense(dense(x), nms, S)``, M <= ``nms.max_detections``. Runs in the module's
+    current mode (call ``.eval()`` first, as with torchvision).
+
+    ``loss(x, targets) -> dict``: ``targets`` is a list of B dicts with ``boxes`` (G, 4) xyxy in input
+    pixels (positive width and height; G may be 0) and ``labels`` (G,) int64 in 0..K-1. Returns
+    scalar tensors ``loc`` (xy BCE + wh squared error), ``obj`` and ``cls`` (see the module docstring),
+    each summed over candidates and divided by B; the training loss is their sum.
+    """
+
+    family = "yolov3"
+
+    def __init__(self, model: YOLOv3Net, num_classes: int, input_size: int,
+                 anchors: Sequence[Sequence[float]] | None = None,
+                 anchor_masks: Sequence[Sequence[int]] = ANCHOR_MASKS, nms: NMSConfig = YOLO_NMS):
+        super().__init__(model, num_classes, input_size)
+        if model.num_classes != num_classes:
+            raise ValueError(f"YOLOv3Detector: model has {model.num_classes} classes, not {num_classes}")
+        if anchors is None:
+            anchors = [(w * input_size / 416, h * input_size / 416) for w, h in COCO_ANCHORS]
+        anchors_t = torch.as_tensor(anchors, dtype=torch.float32)
+        masks = [list(m) for m in anchor_masks]
+        if anchors_t.ndim != 2 or anchors_t.shape[1] != 2 or (anchors_t <= 0).any():
+            raise ValueError(f"YOLOv3Detector: anchors must be positive (w, h) pairs, got {anchors}")
+        if len(masks) != 3 or any(len(m) != model.num_anchors for m in masks) or sorted(
+                sum(masks, [])) != list(range(anchors_t.shape[0])):
+            raise ValueError(f"YOLOv3Detector: anchor_masks {anchor_masks} must split the "
+                             f"{anchors_t.shape[0]} anchors into 3 groups of {model.num_anchors}")
+        self.register_buffer("anchor_wh", anchors_t)  # (9, 2) pixels
+        self.anchor_masks = masks
+        # anchor index -> (output level, slot within level)
+        level_of = torch.zeros(anchors_t.shape[0], dtype=torch.long)
+        slot_of = torch.zeros(anchors_t.shape[0], dtype=torch.long)
+        for lvl, m in enumerate(masks):
+            for j, a in enumerate(m):
+                level_of[a], slot_of[a] = lvl, j
+        self.register_buffer("_anchor_level", level_of, persistent=False)
+        self.register_buffer("_anchor_slot", slot_of, persistent=False)
+        self.nms = nms
+
+    # ---------------------------------------------------------------- layout of the candidates
+    def _meta(self, sizes: list[tuple[int, int]], img_hw: tuple[int, int], device: torch.device):
+        """Per candidate (N,): cell xy (N, 2), stride xy (N, 2), anchor wh (N, 2); and level offsets."""
+        a = self.model.num_anchors
+        cells, strides, whs, offsets, off = [], [], [], [], 0
+        for lvl, (h, w) in enumerate(sizes):
+            gy, gx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                    indexing="ij")
+            cell = torch.stack([gx, gy], -1).reshape(h * w, 1, 2).expand(h * w, a, 2).reshape(-1, 2)
+            cells.append(cell.float())
+            s = torch.tensor([img_hw[1] / w, img_hw[0] / h], device=device)
+            strides.append(s.expand(h * w * a, 2))
+            wh = self.anchor_wh[self.anchor_masks[lvl]].to(device)  # (A, 2)
+            whs.append(wh.repeat(h * w, 1))
+            offsets.append(off)
+            off += h * w * a
+        return torch.cat(cells), torch.cat(strides), torch.cat(whs), offsets
+
+    def dense(self, x: torch.Tensor) -> DenseOutput:
+        self.check_input(x)
+        outs = self.model(x)
+        b, k, a = x.shape[0], self.num_classes, self.model.num_anchors
+        raw = torch.cat([p.view(b, a, 5 + k, p.shape[2], p.shape[3]).permute(0, 3, 4, 1, 2)
+                         .reshape(b, -1, 5 + k) for p in outs], 1)
+        sizes = [(p.shape[2], p.shape[3]) for p in outs]
+        cell, stride, anchor_wh, _ = self._meta(sizes, (x.shape[2], x.shape[3]), x.device)
+        cxy = (raw[..., 0:2].sigmoid() + cell) * stride
+        wh = anchor_wh * torch.exp(raw[..., 2:4].clamp(max=10.0))
+        boxes = cxcywh_to_xyxy(torch.cat([cxy, wh], -1))
+        anchors = cxcywh_to_xyxy(torch.cat([(cell + 0.5) * stride, anchor_wh], -1)).expand(b, -1, 4)
+        logits, obj = raw[..., 5:], raw[..., 4]
+        check_finite("yolov3.dense", logits=logits, objectness=obj, boxes=boxes)
+        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid",
+                           objectness=obj, extra={
+                               "raw": raw, "num_per_level": [h * w * a for h, w in sizes],
+                               "strides": [x.shape[-1] / w for _, w in sizes], "sizes": sizes})
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> list[dict]:
+        return postprocess_dense(self.dense(x), self.nms, x.shape[-1])
+
+    # ---------------------------------------------------------------- training loss
+    def _check_targets(self, targets: list[dict], b: int) -> None:
+        if len(targets) != b:
+            raise ValueError(f"yolov3.loss: {len(targets)} targets for a batch of {b} images")
+        for i, t in enumerate(targets):
+            boxes, labels = t["boxes"], t["labels"]
+            if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
+                raise ValueError(f"yolov3.loss: target {i}: boxes must be (G, 4) and labels (G,), got "
+                                 f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
+            if boxes.numel() and (not torch.isfinite(boxes).all()
+                                  or ((boxes[:, 2:] - boxes[:, :2]) <= 0).any()):
+                raise ValueError(f"yolov3.loss: target {i}: boxes must be finite with positive width "
+                                 f"and height (drop degenerate boxes in the data pipeline)")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"yolov3.loss: target {i}: labels must be in 0..{self.num_classes - 1}, "
+                                 f"got {labels.min().item()}..{labels.max().item()}")
+
+    def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        b = x.shape[0]
+        self._check_targets(targets, b)
+        dense = self.dense(x)
+        raw = dense.extra["raw"]  # (B, N, 5+K)
+        n, k, a = raw.shape[1], self.num_classes, self.model.num_anchors
+        dev = raw.device
+        sizes = dense.extra["sizes"]
+        cell, stride, anchor_wh, offsets = self._meta(sizes, (x.shape[2], x.shape[3]), dev)
+
+        gt_boxes = torch.cat([t["boxes"].to(dev, torch.float32) for t in targets])
+        gt_labels = torch.cat([t["labels"].to(dev, torch.long) for t in targets])
+        gt_img = torch.cat([torch.full((len(t["boxes"]),), i, dtype=torch.long, device=dev)
+                            for i, t in enumerate(targets)])
+
+        obj_target = torch.zeros(b, n, device=dev)
+        pos_flat = torch.zeros(0, dtype=torch.long, device=dev)
+        loc = raw.new_zeros(())
+        cls = raw.new_zeros(())
+        if gt_boxes.shape[0]:
+            gwh = gt_boxes[:, 2:] - gt_boxes[:, :2]
+            gc = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+            # best anchor by shape IoU (boxes sharing a centre)
+            inter = torch.minimum(gwh[:, None], self.anchor_wh[None]).prod(-1)
+            union = gwh.prod(-1)[:, None] + self.anchor_wh.prod(-1)[None] - inter
+            best = (inter / union).argmax(1)
+            level, slot = self._anchor_level[best], self._anchor_slot[best]
+            hs = torch.tensor([h for h, _ in sizes], device=dev)[level]
+            ws = torch.tensor([w for _, w in sizes], device=dev)[level]
+            lvl_stride = torch.stack([x.shape[-1] / ws, x.shape[-2] / hs], -1)
+            cell_xy = (gc / lvl_stride).floor().long()
+            gx = cell_xy[:, 0].clamp(0, None).minimum(ws - 1)
+            gy = cell_xy[:, 1].clamp(0, None).minimum(hs - 1)
+            idx = torch.tensor(offsets, device=dev)[level] + (gy * ws + gx) * a + slot
+            # two boxes on one (cell, anchor): the later one wins, deterministically (as in Darknet)
+            owner = torch.full((b * n,), -1, dtype=torch.long, device=dev)
+            owner.scatter_reduce_(0, gt_img * n + idx, torch.arange(len(idx), device=dev), "amax")
+            pos_flat = torch.nonzero(owner >= 0).squeeze(1)
+            g = owner[pos_flat]
+            p_raw = raw.reshape(b * n, 5 + k)[pos_flat]
+            p_n = pos_flat % n
+            t_xy = (gc[g] / stride[p_n] - cell[p_n]).clamp(0, 1)
+            t_wh = torch.log(gwh[g] / anchor_wh[p_n])
+            scale = 2.0 - gwh[g].prod(-1) / (x.shape[-1] * x.shape[-2])
+            loc = (scale * (_bce(p_raw[:, 0:2], t_xy).sum(-1)
+                            + 0.5 * (p_raw[:, 2:4] - t_wh).pow(2).sum(-1))).sum()
+            onehot = F.one_hot(gt_labels[g], k).to(p_raw.dtype)
+            cls = _bce(p_raw[:, 5:], onehot).sum()
+            obj_target.view(-1)[pos_flat] = 1.0
+
+        # ignore non-positive predictions that already overlap a ground truth well
+        weight = torch.ones(b, n, device=dev)
+        pred_boxes = dense.boxes.detach()
+        for i, t in enumerate(targets):
+            if len(t["boxes"]):
+                best_iou = box_iou(pred_boxes[i], t["boxes"].to(dev, torch.float32)).amax(1)
+                weight[i] = (best_iou <= 0.5).float()
+        weight.view(-1)[pos_flat] = 1.0
+        obj = (_bce(dense.objectness, obj_target) * weight).sum()
+        return {"loc": loc / b, "obj": obj / b, "cls": cls / b}
+
+
+def yolov3(*, num_classes: int = 80, input_size: int = 416, width: float = 1.0, depth: float = 1.0,
+           anchors: Sequence[Sequence[float]] | None = None, nms: NMSConfig = YOLO_NMS) -> YOLOv3Detector:
+    """YOLOv3 (Darknet-53, 3 scales) as a Detector; width = depth = 1 is the published model
+    (61,949,149 parameters for K = 80), which loads ``yolov3.weights``. Randomly initialised."""
+    if input_size % 32:
+        raise ValueError(f"yolov3: input_size must be a multiple of 32, got {input_size}")
+    net = YOLOv3Net(num_classes=num_classes, width=width, depth=depth)
+    return YOLOv3Detector(net, num_classes, input_size, anchors=anchors, nms=nms)
+
+
+def yolov3_small(*, num_classes: int, input_size: int = 256, width: float = 0.25, depth: float = 0.34,
+                 anchors: Sequence[Sequence[float]] | None = None, nms: NMSConfig = YOLO_NMS
+                 ) -> YOLOv3Detector:
+    """The zoo's small YOLOv3 for the ``shapes`` benchmark: width 0.25, depth 0.34 (residual units
+    1, 1, 3, 3, 1), COCO anchors scaled to ``input_size``."""
+    return yolov3(num_classes=num_classes, input_size=input_size, width=width, depth=depth,
+                  anchors=anchors, nms=nms)

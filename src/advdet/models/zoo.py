@@ -1,0 +1,143 @@
+"""The model zoo: one registry of buildable models by name, with shipped weights and model cards.
+
+Names resolve in one place (``build_model``):
+- a zoo name (``ssd_vgg``, ``yolov3``, ...): the zoo architecture, with the shipped weights from
+  ``advdet/zoo_weights/NAME.safetensors`` when they exist (``pretrained=True``);
+- ``torchvision:BUILDER`` (e.g. ``torchvision:fasterrcnn_resnet50_fpn``): any torchvision detection
+  builder, random or with ``weights=PATH`` (a local state dict, e.g. COCO weights from torch's cache).
+Each entry carries the recipe (``TrainConfig`` fields) that ``advdet zoo train NAME`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from advdet.data.shapes import SHAPE_CLASSES
+from advdet.models.weights import CheckpointError, load_weights, read_card
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo_weights"
+ZOO_INPUT_SIZE = 256  # every zoo detector takes the same letterboxed input, so one image feeds all
+
+
+@dataclass
+class ZooEntry:
+    """A zoo model: how to build it, how to train it, and what it is."""
+
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    description: str
+    recipe: dict = field(default_factory=dict)  # TrainConfig fields
+    kind: str = "detector"  # detector | classifier
+    with_masks: bool = False
+    init: str | None = None  # zoo name whose weights initialise training (robust models)
+    method: str = "standard"
+
+    @property
+    def weights_path(self) -> Path:
+        return ZOO_DIR / f"{self.name}.safetensors"
+
+    @property
+    def card(self) -> dict:
+        return read_card(self.weights_path)
+
+    @property
+    def trained(self) -> bool:
+        return self.weights_path.is_file()
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    if entry.name in ZOO:
+        raise ValueError(f"zoo entry {entry.name!r} registered twice")
+    ZOO[entry.name] = entry
+    return entry
+
+
+def _register_defaults() -> None:
+    from advdet.models import ssd_vgg
+
+    k = len(SHAPE_CLASSES)
+    register(ZooEntry(
+        "ssd_vgg", "ssd_vgg", lambda: ssd_vgg.ssd_vgg_small(num_classes=k, input_size=ZOO_INPUT_SIZE),
+        "small SSD-VGG16 (no BN, width x0.25), the base of RobustDet",
+        recipe=dict(epochs=24, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=300)))
+    try:
+        from advdet.models import yolov3
+    except ImportError:  # pragma: no cover - family not available
+        yolov3 = None
+    if yolov3 is not None:
+        register(ZooEntry(
+            "yolov3", "yolov3", lambda: yolov3.yolov3_small(num_classes=k, input_size=ZOO_INPUT_SIZE),
+            "small YOLOv3-style detector (Darknet-53 layout, reduced width and depth), RAD's surrogate",
+            recipe=dict(epochs=24, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4,
+                        warmup_iters=300)))
+    try:
+        from advdet.models import torchvision_adapter as tva
+    except ImportError:  # pragma: no cover
+        tva = None
+    if tva is not None:
+        for name, fn, masks, desc in (
+            ("retinanet", "retinanet_tiny", False, "RetinaNet on a tiny ResNet-FPN"),
+            ("fcos", "fcos_tiny", False, "FCOS on a tiny ResNet-FPN"),
+            ("fasterrcnn", "fasterrcnn_tiny", False, "Faster R-CNN on a tiny ResNet-FPN"),
+            ("maskrcnn", "maskrcnn_tiny", True, "Mask R-CNN on a tiny ResNet-FPN"),
+        ):
+            builder = getattr(tva, fn, None)
+            if builder is None:
+                continue
+            register(ZooEntry(
+                name, name, (lambda b=builder: b(num_classes=k, input_size=ZOO_INPUT_SIZE)), desc,
+                recipe=dict(epochs=16, batch_size=8, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
+                            warmup_iters=300), with_masks=masks))
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    if not ZOO:
+        _register_defaults()
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+def zoo_entries() -> list[ZooEntry]:
+    if not ZOO:
+        _register_defaults()
+    return list(ZOO.values())
+
+
+def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                num_classes: int | None = None, input_size: int | None = None) -> nn.Module:
+    """Build a model by name (see the module docstring); ``weights`` overrides the shipped weights.
+
+    Raises ``CheckpointError`` for weights of another architecture or class count, ``KeyError`` for an
+    unknown name.
+    """
+    if name.startswith("torchvision:"):
+        from advdet.models.torchvision_adapter import torchvision_detector
+
+        kw = {}
+        if num_classes is not None:
+            kw["num_classes"] = num_classes
+        if input_size is not None:
+            kw["input_size"] = input_size
+        return torchvision_detector(name.split(":", 1)[1], weights_path=weights, **kw)
+    entry = zoo_entry(name)
+    model = entry.builder()
+    path = Path(weights) if weights else (entry.weights_path if pretrained else None)
+    if path is not None:
+        if not path.is_file():
+            if weights:
+                raise CheckpointError(f"{path}: weights file not found")
+            raise CheckpointError(f"{path}: zoo model {name!r} has no shipped weights yet; "
+                                  f"train them with `advdet zoo train {name}`")
+        load_weights(model, path)
+    model.eval()
+    return model
