@@ -16,7 +16,9 @@ holding its centre. Box terms: BCE on sigmoid(tx, ty) against the in-cell offset
 0.5 * squared error on (tw, th) against log(gt / anchor), both weighted by 2 - w*h / S^2. Objectness:
 BCE, positives towards 1 and negatives towards 0, where a non-positive candidate whose decoded box
 overlaps any ground truth of its image with IoU > 0.5 is ignored. Class: BCE (one-hot, per class) on
-positives. Every term is a sum over candidates divided by the batch size B.
+positives. Every term is a sum over candidates divided by the batch size B (so it does not depend
+on the number of boxes per batch; the xy BCE against soft targets has a non-zero floor, so ``loc``
+does not reach 0).
 """
 
 from __future__ import annotations
@@ -169,8 +171,6 @@ class YOLOv3Net(nn.Module):
         for m in self.modules():
             if isinstance(m, ConvBNLeaky):
                 out.append((m.conv, m.bn))
-            elif isinstance(m, YoloBlock):
-                pass  # its children are visited next, in registration order
             elif isinstance(m, nn.Conv2d) and m.bias is not None:
                 out.append((m, None))
         return out

@@ -46,8 +46,13 @@ class TensorCache:
             dataset = copy.copy(dataset)
             dataset.with_masks = False  # skip mask decoding: boxes only
         images, boxes, labels, masks = [], [], [], []
-        for i in range(len(dataset)):
-            item = dataset[i]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # per-image resizes are tiny: threading only adds overhead
+        try:
+            items = [dataset[i] for i in range(len(dataset))]
+        finally:
+            torch.set_num_threads(threads)
+        for item in items:
             images.append((item["image"] * 255).round().to(torch.uint8))
             boxes.append(item["boxes"])
             labels.append(item["labels"])
