@@ -1,0 +1,122 @@
+"""Standard training (resume is bit-exact), weights with cards (clear errors), the zoo registry, eval CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from advdet.cli import app
+from advdet.models.ssd_vgg import ssd_vgg_small
+from advdet.models.weights import CheckpointError, load_weights, read_card, save_weights
+from advdet.models.zoo import build_model, zoo_entries, zoo_entry
+from advdet.training.augment import augment_detection
+from advdet.training.standard import TrainConfig, train_detector
+from advdet.training.tensor_cache import TensorCache
+
+
+def _cache(n=6, s=64):
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 3, s, s, generator=g) * 60).to(torch.uint8)
+    boxes, labels = [], []
+    for i in range(n):
+        x0 = 4 + 3 * i
+        images[i, :, 10:40, x0:x0 + 20] = 230
+        boxes.append(torch.tensor([[x0, 10.0, x0 + 20, 40]]))
+        labels.append(torch.tensor([i % 2]))
+    return TensorCache(images, boxes, labels)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=2, lr=1e-3, warmup_iters=2, checkpoint_every=2, log_every=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    a = ssd_vgg_small(num_classes=2, input_size=64)
+    b = ssd_vgg_small(num_classes=2, input_size=64)
+    b.load_state_dict(a.state_dict())
+    init = {k: v.clone() for k, v in a.state_dict().items()}
+    full = train_detector(a, _cache(), _cfg(), tmp_path / "full")
+    assert full["finished"] and full["iterations"] == 6
+    # interrupted after 1 iteration (max_minutes=0 saves and stops), then resumed from that checkpoint
+    part = train_detector(b, _cache(), _cfg(max_minutes=0.0), tmp_path / "part")
+    assert not part["finished"] and part["iterations"] == 1
+    c = ssd_vgg_small(num_classes=2, input_size=64)
+    c.load_state_dict(init)
+    done = train_detector(c, _cache(), _cfg(), tmp_path / "part", resume=True)
+    assert done["finished"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, c.state_dict()[k]), k
+
+
+def test_augment_keeps_boxes_on_objects():
+    g = torch.Generator().manual_seed(1)
+    img = torch.zeros(3, 64, 64)
+    img[:, 20:40, 10:30] = 1.0
+    for _ in range(20):
+        out, boxes, labels, _ = augment_detection(img, torch.tensor([[10.0, 20, 30, 40]]), torch.tensor([1]), g)
+        assert out.shape == img.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+        for b in boxes:
+            x0, y0, x1, y1 = (int(round(float(v))) for v in b)
+            inside = out[:, y0:y1, x0:x1].mean()
+            assert inside > 0.5  # the box still covers the bright object
+
+
+def test_weights_round_trip_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    m = ssd_vgg_small(num_classes=3, input_size=64)
+    card = save_weights(m, tmp_path / "m.safetensors", {"name": "m"})
+    assert card["sha256"] and card["file_size"] > 1000 and read_card(tmp_path / "m.safetensors")["name"] == "m"
+    fresh = ssd_vgg_small(num_classes=3, input_size=64)
+    load_weights(fresh, tmp_path / "m.safetensors")
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(m.eval().dense(x).logits, fresh.eval().dense(x).logits)
+    with pytest.raises(CheckpointError, match="m.safetensors.*shape mismatches"):
+        load_weights(ssd_vgg_small(num_classes=5, input_size=64), tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_weights(fresh, tmp_path / "cut.safetensors")
+    from advdet.models.yolov3 import yolov3_small
+
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_weights(yolov3_small(num_classes=3, input_size=64), tmp_path / "m.safetensors")
+
+
+def test_zoo_registry_names_families_and_builds():
+    names = {e.name for e in zoo_entries()}
+    assert {"ssd_vgg", "yolov3", "retinanet", "fcos", "fasterrcnn", "maskrcnn"} <= names
+    e = zoo_entry("ssd_vgg")
+    assert e.family == "ssd_vgg" and e.recipe["epochs"] > 0
+    m = build_model("ssd_vgg", pretrained=False)
+    assert m.input_size == 256 and m.num_classes == 8
+    with pytest.raises(KeyError, match="unknown zoo model"):
+        zoo_entry("nope")
+
+
+def test_zoo_list_json():
+    res = CliRunner().invoke(app, ["zoo", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert {r["name"] for r in rows} >= {"ssd_vgg", "yolov3"}
+    assert all(r["input_size"] == 256 and r["parameters"] > 1e5 for r in rows)
+
+
+def test_eval_cli_on_a_tiny_dataset(tmp_path):
+    from advdet.data.shapes import generate_shapes
+
+    generate_shapes(tmp_path / "shp", train=0, val=4, seed=0, workers=1)
+    torch.manual_seed(0)
+    m = ssd_vgg_small(num_classes=8, input_size=256)
+    save_weights(m, tmp_path / "w.safetensors", {})
+    res = CliRunner().invoke(app, ["eval", "--model", "ssd_vgg", "--weights", str(tmp_path / "w.safetensors"),
+                                   "--data", str(tmp_path / "shp" / "val"), "--json", str(tmp_path / "m.json"),
+                                   "--predictions", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert {"map", "map50", "map75"} <= set(out) and out["images"] == 4
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    assert {p["category_id"] for p in preds} <= set(range(1, 9))
