@@ -90,7 +90,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         if params is None:
             params = sum(p.numel() for p in e.builder().parameters())
         val = card.get("shapes_val", {})
-        rows.append({"name": e.name, "family": e.family, "parameters": params,
+        rows.append({"name": e.name, "family": e.family, "kind": e.kind, "parameters": params, "top1": val.get("top1"),
                      "input_size": card.get("input_size", ZOO_INPUT_SIZE), "classes": card.get("num_classes", 8),
                      "map": val.get("map"), "map50": val.get("map50"), "map75": val.get("map75"),
                      "file_size": card.get("file_size"), "trained": e.trained})
@@ -98,7 +98,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         console.print_json(json.dumps(rows))
         return
     table = Table(title="advdet zoo (trained on shapes-train, evaluated on shapes-val)")
-    for col in ("name", "family", "params", "input", "classes", "mAP", "mAP50", "mAP75", "size"):
+    for col in ("name", "family", "params", "input", "classes", "mAP", "mAP50", "mAP75", "top-1", "size"):
         table.add_column(col, justify="left" if col in ("name", "family") else "right")
 
     def f(v):
@@ -107,7 +107,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
     for r in rows:
         size = "not trained" if r["file_size"] is None else f"{r['file_size'] / 1e6:.1f} MB"
         table.add_row(r["name"], r["family"], f"{r['parameters'] / 1e6:.2f}M", str(r["input_size"]),
-                      str(r["classes"]), f(r["map"]), f(r["map50"]), f(r["map75"]), size)
+                      str(r["classes"]), f(r["map"]), f(r["map50"]), f(r["map75"]), f(r["top1"]), size)
     console.print(table)
 
 
@@ -138,8 +138,10 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
     card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=_parse_overrides(set_),
                            threads=threads)
     v = card["shapes_val"]
-    console.print(f"{name}: shapes-val mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}; "
-                  f"{card['training_seconds']:.0f} s training; weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")
+    score = (f"top-1 {v['top1']:.3f}" if "top1" in v else
+             f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")
+    console.print(f"{name}: shapes-val {score}; {card['training_seconds']:.0f} s training; "
+                  f"weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")
 
 
 @app.command("eval")

@@ -99,6 +99,15 @@ def _register_defaults() -> None:
                             warmup_iters=300), with_masks=masks))
 
 
+    from advdet.models.classifier import small_classifier
+
+    register(ZooEntry(
+        "classifier", "classifier", lambda: small_classifier(num_classes=k, input_size=ZOO_INPUT_SIZE),
+        "small ResNet-style image classifier (class of the largest object), surrogate of RAD's "
+        "classifier-transfer baselines", kind="classifier",
+        recipe=dict(epochs=12, batch_size=32, lr=2e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=100)))
+
+
 def zoo_entry(name: str) -> ZooEntry:
     if not ZOO:
         _register_defaults()

@@ -41,7 +41,12 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
     val_ds = build_dataset("shapes-val", size=ZOO_INPUT_SIZE)
-    metrics = evaluate_detector(model, val_ds, limit=eval_limit)
+    if entry.kind == "classifier":
+        from advdet.models.classifier import classifier_accuracy
+
+        metrics = classifier_accuracy(model, val_ds, limit=eval_limit)
+    else:
+        metrics = evaluate_detector(model, val_ds, limit=eval_limit)
     command = f"advdet zoo train {name}" + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items())
     card = {
         "name": name, "family": entry.family, "kind": entry.kind, "description": entry.description,
