@@ -128,7 +128,7 @@ def _parse_overrides(items: list[str]) -> dict:
 def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
               out: Optional[Path] = typer.Option(None, help="Where to write NAME.safetensors and NAME.json "
                                                  "(default: the package's zoo_weights)."),
-              run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/NAME)."),
+              run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default $ADVDET_HOME/runs/NAME)."),
               resume: bool = typer.Option(False, help="Continue from the last checkpoint."),
               set_: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set epochs=2."),
               threads: Optional[int] = typer.Option(None, help="torch CPU threads.")) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from advdet import __version__
 from advdet.data.registry import build_dataset
+from advdet.data.shapes import advdet_home
 from advdet.models.evaluate import evaluate_detector
 from advdet.models.weights import save_weights
 from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, zoo_entry
@@ -25,14 +26,15 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
                     threads: int | None = None) -> dict:
     """Train zoo entry ``name`` with its recipe (fields in ``overrides`` replace the recipe's).
 
-    Checkpoints go to ``run_dir`` (default runs/NAME); when training finishes the weights and card are
+    Checkpoints go to ``run_dir`` (default $ADVDET_HOME/runs/NAME, outside the work tree so a later
+    session can ``resume``); when training finishes the weights and card are
     written to ``out_dir`` (default: the package's zoo_weights folder). Returns the card.
     """
     if threads:
         torch.set_num_threads(threads)
     entry = zoo_entry(name)
     cfg = TrainConfig(**{**entry.recipe, **(overrides or {})})
-    run_dir = Path(run_dir or Path("runs") / name)
+    run_dir = Path(run_dir or advdet_home() / "runs" / name)
     train_ds = build_dataset("shapes-train", size=ZOO_INPUT_SIZE)
     cache = TensorCache.from_dataset(train_ds, with_masks=entry.with_masks)
     model = entry.builder()
