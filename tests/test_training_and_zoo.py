@@ -120,3 +120,28 @@ def test_eval_cli_on_a_tiny_dataset(tmp_path):
     preds = json.loads((tmp_path / "p.json").read_text())
     assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
     assert {p["category_id"] for p in preds} <= set(range(1, 9))
+
+
+def test_classifier_learns_presence_and_reports_accuracy(tmp_path):
+    from advdet.data.registry import build_dataset
+    from advdet.data.shapes import generate_shapes
+    from advdet.models.classifier import classifier_accuracy, presence_vector, small_classifier
+
+    assert presence_vector({"labels": torch.tensor([2, 2, 5])}, 8).tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
+    torch.manual_seed(0)
+    m = small_classifier(num_classes=2, input_size=64)
+    c = _cache()
+    x = c.images.float() / 255
+    t = [{"boxes": b, "labels": lab} for b, lab in zip(c.boxes, c.labels)]
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    first = float(m.loss(x, t)["cls"].detach())
+    for _ in range(20):
+        loss = m.loss(x, t)["cls"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+    generate_shapes(tmp_path, train=0, val=6, seed=0, workers=1)
+    acc = classifier_accuracy(small_classifier(num_classes=8, input_size=64),
+                              build_dataset(tmp_path / "val", size=64))
+    assert acc["images"] == 6 and 0.0 <= acc["top1_largest"] <= acc["top1"] <= 1.0

@@ -103,7 +103,7 @@ def _register_defaults() -> None:
 
     register(ZooEntry(
         "classifier", "classifier", lambda: small_classifier(num_classes=k, input_size=ZOO_INPUT_SIZE),
-        "small ResNet-style image classifier (class of the largest object), surrogate of RAD's "
+        "small ResNet-style multi-label image classifier (classes present), surrogate of RAD's "
         "classifier-transfer baselines", kind="classifier",
         recipe=dict(epochs=12, batch_size=32, lr=2e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=100)))
 
