@@ -6,14 +6,14 @@ Main entry points:
 - :func:`relevance_map` ``(detector, x, nodes=NodeSelection(...), rules=LRPRules(), variant="paper",
   create_graph=False) -> RelevanceResult(map (B, H, W), per_channel (B, 3, H, W), nodes, dense)``
 - :func:`sglrp_map` (one output node, eq. 1), :func:`box_relevance_maps` (single boxes)
-- :class:`LRPContext` / :func:`lrp`: the rules on any network
+- :class:`LRPContext` / :func:`lrp` / :func:`trace_forward`: the rules on any network
 - :func:`relevance_figure`, :func:`explain_image`: RAD Fig. 1/5-style PNGs
 """
 
 from advdet.relevance.figure import explain_image, relevance_figure
 from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, box_regression, distinct_candidates,
                                     output_vector, select_nodes)
-from advdet.relevance.rules import LRPContext, LRPRules, lrp, lrp_backward
+from advdet.relevance.rules import LRPContext, LRPRules, Traced, lrp, lrp_backward, trace_forward
 from advdet.relevance.sglrp import (RelevanceResult, box_relevance_maps, multi_node_sglrp_init, output_softmax,
                                     rad_code_inits, relevance_map, sglrp_init, sglrp_map, trace)
 
@@ -21,5 +21,5 @@ __all__ = [
     "LRPContext", "LRPRules", "NodeSelection", "NodeSet", "OutputVector", "RelevanceResult", "box_regression",
     "box_relevance_maps", "distinct_candidates", "explain_image", "lrp", "lrp_backward", "multi_node_sglrp_init",
     "output_softmax", "output_vector", "rad_code_inits", "relevance_figure", "relevance_map", "select_nodes",
-    "sglrp_init", "sglrp_map", "trace",
+    "sglrp_init", "sglrp_map", "trace", "trace_forward", "Traced",
 ]

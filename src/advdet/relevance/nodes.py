@@ -1,0 +1,258 @@
+"""The output vector o of a detector and the target node set T (RAD sections 3.4, ALGORITHMS.md 2.3).
+
+Output vector
+-------------
+Per candidate box the dense outputs are laid out as ``D`` columns (:class:`OutputVector`):
+``[box regression (4)] [objectness (1)] [class logits (C)]`` where present, flattened over candidates
+to ``o`` of length ``L = N * D`` per image; the SGLRP softmax ``y = softmax(ReLU(o))`` runs over all of
+it (RAD's code: "ReLU of the flattened raw model output", which for YOLOv3 is box + objectness + classes).
+``outputs="scores"`` leaves the box columns out (RAD's RetinaNet variant used only class outputs) unless
+the node type needs them. Padded candidates (``dense.valid`` False) are excluded from the softmax.
+
+Box regression columns are the raw regression outputs: YOLO ``extra["raw"][..., :4]`` (tx, ty, tw, th),
+our SSD ``extra["loc"]``, torchvision one-stage ``extra["bbox_regression"]`` (RetinaNet / SSD deltas
+dx, dy, dw, dh; FCOS distances l, t, r, b), two-stage ``extra["box_regression"]`` (the deltas of each
+proposal's argmax class).
+
+Node sets (RAD Table 1 and Table 7)
+-----------------------------------
+- ``kind="static"``: the ``m`` candidates with the highest confidence (RAD: m = 20).
+- ``kind="dynamic"``: every candidate whose pre-softmax confidence (the logit of its node) exceeds
+  ``threshold`` (RAD Table 7: -1, -2, -3), at most ``max_nodes`` (the most confident).
+- node types: ``"cls"`` one node per box: the class logit of the candidate's argmax class, or for
+  YOLO-style detectors (``cls_node="auto"`` and family ``yolo*``) its objectness logit, ranked by
+  objectness (ALGORITHMS.md 2.3); ``"loc"`` two nodes per box, box columns 0 and 1 (centre offsets);
+  ``"size"`` two nodes per box, box columns 2 and 3 (size offsets; for FCOS the r, b distances).
+- confidence: the objectness logit for objectness nodes, else the best foreground class probability
+  (``dense.class_probs()``, which includes objectness / centerness where the family has it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torchvision.ops import nms
+
+from advdet.models.detector import Detector, DenseOutput
+
+NodeKind = Literal["static", "dynamic"]
+NodeType = Literal["cls", "loc", "size"]
+ClsNode = Literal["auto", "class", "objectness"]
+
+
+@dataclass(frozen=True)
+class NodeSelection:
+    """How to pick the target nodes T from the current dense output (see the module docstring)."""
+
+    kind: NodeKind = "static"
+    m: int = 20
+    threshold: float = -1.0
+    node_type: NodeType = "cls"
+    cls_node: ClsNode = "auto"
+    max_nodes: int | None = 1000
+    outputs: Literal["all", "scores"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("static", "dynamic"):
+            raise ValueError(f"NodeSelection.kind must be 'static' or 'dynamic', got {self.kind!r}")
+        if self.node_type not in ("cls", "loc", "size"):
+            raise ValueError(f"NodeSelection.node_type must be 'cls', 'loc' or 'size', got {self.node_type!r}")
+        if self.cls_node not in ("auto", "class", "objectness"):
+            raise ValueError(f"NodeSelection.cls_node must be auto/class/objectness, got {self.cls_node!r}")
+        if self.outputs not in ("all", "scores"):
+            raise ValueError(f"NodeSelection.outputs must be 'all' or 'scores', got {self.outputs!r}")
+        if self.m < 1:
+            raise ValueError(f"NodeSelection.m must be >= 1, got {self.m}")
+        if self.max_nodes is not None and self.max_nodes < 1:
+            raise ValueError(f"NodeSelection.max_nodes must be >= 1 or None, got {self.max_nodes}")
+
+
+@dataclass
+class OutputVector:
+    """The per-candidate output layout. ``raw`` (B, N, D) pre-ReLU outputs (attached to the graph),
+    ``valid`` (B, N), ``columns`` the D column names, ``box``/``obj``/``cls`` the column positions
+    (``box`` a start index of 4 columns or None, ``obj`` an index or None, ``cls`` the first logit column)."""
+
+    raw: torch.Tensor
+    valid: torch.Tensor
+    columns: tuple[str, ...]
+    box: int | None
+    obj: int | None
+    cls: int
+
+    @property
+    def num_candidates(self) -> int:
+        return self.raw.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.raw.shape[2]
+
+    def flat(self) -> torch.Tensor:
+        """(B, L) the flattened raw outputs."""
+        return self.raw.reshape(self.raw.shape[0], -1)
+
+    def flat_valid(self) -> torch.Tensor:
+        """(B, L) bool: entries of valid candidates."""
+        return self.valid[..., None].expand(-1, -1, self.width).reshape(self.valid.shape[0], -1)
+
+
+@dataclass
+class NodeSet:
+    """Target nodes T per image: ``mask`` (B, L) bool over the flattened output vector, and per image
+    the candidate index and column of each node (``candidates[b][i]``, ``columns[b][i]``)."""
+
+    mask: torch.Tensor
+    candidates: list[torch.Tensor]
+    columns: list[torch.Tensor]
+    layout: tuple[str, ...]
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(c.numel()) for c in self.candidates]
+
+    def flat_indices(self, b: int) -> torch.Tensor:
+        return self.candidates[b] * len(self.layout) + self.columns[b]
+
+    def boxes(self, dense: DenseOutput) -> list[torch.Tensor]:
+        """Decoded xyxy boxes of the distinct candidates of each image's nodes."""
+        return [dense.boxes[b].detach()[torch.unique(c)] for b, c in enumerate(self.candidates)]
+
+    @classmethod
+    def from_nodes(cls, candidates: list[torch.Tensor], columns: list[torch.Tensor], ov: OutputVector) -> "NodeSet":
+        b, n, d = ov.raw.shape
+        mask = torch.zeros(b, n * d, dtype=torch.bool, device=ov.raw.device)
+        for i, (c, k) in enumerate(zip(candidates, columns)):
+            if c.numel():
+                if (c < 0).any() or (c >= n).any() or (k < 0).any() or (k >= d).any():
+                    raise IndexError(f"node out of range: candidates in [0, {n}), columns in [0, {d})")
+                mask[i, c * d + k] = True
+        return cls(mask, [c.to(ov.raw.device) for c in candidates], [k.to(ov.raw.device) for k in columns],
+                   ov.columns)
+
+
+def box_regression(detector: Detector, dense: DenseOutput) -> torch.Tensor | None:
+    """(B, N, 4) the raw box-regression outputs of each candidate, or None if the family has none."""
+    ex = dense.extra
+    if "raw" in ex and ex["raw"].shape[-1] >= 4:
+        return ex["raw"][..., :4]
+    if "loc" in ex:
+        return ex["loc"]
+    if "bbox_regression" in ex:
+        return ex["bbox_regression"]
+    if "box_regression" in ex:
+        br = ex["box_regression"]
+        b, n, cc = br.shape
+        br = br.reshape(b, n, cc // 4, 4)
+        best = dense.class_probs().detach().argmax(-1)
+        tv = getattr(detector, "tv_label_of", None)
+        if tv is not None:
+            col = tv.to(best.device)[best]
+        else:
+            col = best + (1 if dense.score_mode == "softmax_bg" else 0)
+        return br.gather(2, col[..., None, None].expand(b, n, 1, 4)).squeeze(2)
+    return None
+
+
+def output_vector(detector: Detector, dense: DenseOutput, include_boxes: bool = True) -> OutputVector:
+    """Lay the dense outputs out as (B, N, D): [box (4)] [objectness] [class logits]."""
+    parts, names = [], []
+    box = obj = None
+    if include_boxes:
+        br = box_regression(detector, dense)
+        if br is not None:
+            box = 0
+            parts.append(br.to(dense.logits.dtype))
+            names += ["box0", "box1", "box2", "box3"]
+    if dense.objectness is not None:
+        obj = len(names)
+        parts.append(dense.objectness[..., None].to(dense.logits.dtype))
+        names.append("obj")
+    cls = len(names)
+    parts.append(dense.logits)
+    c = dense.logits.shape[-1]
+    if dense.score_mode == "softmax_bg":
+        names += ["bg"] + [f"cls{i}" for i in range(c - 1)]
+    else:
+        names += [f"cls{i}" for i in range(c)]
+    raw = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    return OutputVector(raw, dense.valid, tuple(names), box, obj, cls)
+
+
+def _uses_objectness(detector: Detector, dense: DenseOutput, cls_node: ClsNode) -> bool:
+    if cls_node == "objectness":
+        if dense.objectness is None:
+            raise ValueError(f"{type(detector).__name__} has no objectness output (cls_node='objectness')")
+        return True
+    if cls_node == "class":
+        return False
+    return dense.objectness is not None and str(getattr(detector, "family", "")).startswith("yolo")
+
+
+def candidate_scores(detector: Detector, dense: DenseOutput, cls_node: ClsNode = "auto"):
+    """Per candidate (B, N): ranking confidence, the pre-softmax value of its cls node, its argmax
+    foreground class; invalid candidates get -inf confidence."""
+    probs = dense.class_probs().detach()
+    conf, label = probs.max(-1)
+    if _uses_objectness(detector, dense, cls_node):
+        pre = dense.objectness.detach()
+        conf = pre
+    else:
+        pre = dense.fg_logits().detach().gather(-1, label[..., None]).squeeze(-1)
+    conf = conf.masked_fill(~dense.valid, float("-inf"))
+    return conf, pre, label
+
+
+def node_columns(detector: Detector, dense: DenseOutput, ov: OutputVector, candidates: torch.Tensor,
+                 labels: torch.Tensor, node_type: NodeType, cls_node: ClsNode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes of the given candidates (1-D, one image): (candidate per node, column per node)."""
+    if node_type == "cls":
+        if _uses_objectness(detector, dense, cls_node):
+            cols = torch.full_like(candidates, ov.obj)
+        else:
+            offset = ov.cls + (1 if dense.score_mode == "softmax_bg" else 0)
+            cols = labels + offset
+        return candidates, cols
+    if ov.box is None:
+        raise ValueError(f"{type(detector).__name__}: node_type={node_type!r} needs box-regression outputs, "
+                         "which its dense output does not expose")
+    first = ov.box + (0 if node_type == "loc" else 2)
+    cand = candidates.repeat_interleave(2)
+    cols = torch.tensor([first, first + 1], device=candidates.device).repeat(candidates.numel())
+    return cand, cols
+
+
+def select_nodes(detector: Detector, dense: DenseOutput, ov: OutputVector, sel: NodeSelection) -> NodeSet:
+    """The target node set T of every image (no gradient: T is re-selected at each attack step)."""
+    conf, pre, label = candidate_scores(detector, dense, sel.cls_node)
+    cands, cols = [], []
+    for b in range(conf.shape[0]):
+        valid = torch.isfinite(conf[b])
+        if sel.kind == "static":
+            k = min(sel.m, int(valid.sum()))
+            idx = conf[b].topk(k).indices if k > 0 else conf.new_zeros(0, dtype=torch.long)
+        else:
+            keep = torch.nonzero(valid & (pre[b] > sel.threshold)).squeeze(1)
+            if sel.max_nodes is not None and keep.numel() > sel.max_nodes:
+                keep = keep[conf[b][keep].topk(sel.max_nodes).indices]
+            idx = keep[conf[b][keep].argsort(descending=True)]
+        c, k = node_columns(detector, dense, ov, idx, label[b][idx], sel.node_type, sel.cls_node)
+        cands.append(c)
+        cols.append(k)
+    return NodeSet.from_nodes(cands, cols, ov)
+
+
+def distinct_candidates(detector: Detector, dense: DenseOutput, k: int = 3, iou: float = 0.45,
+                        cls_node: ClsNode = "auto") -> list[torch.Tensor]:
+    """Per image, up to ``k`` candidate indices of distinct objects: the most confident candidates after
+    greedy NMS at ``iou`` (the single boxes of RAD Fig. 5)."""
+    conf, _, _ = candidate_scores(detector, dense, cls_node)
+    out = []
+    for b in range(conf.shape[0]):
+        valid = torch.nonzero(torch.isfinite(conf[b])).squeeze(1)
+        boxes = dense.boxes[b].detach()[valid].float()
+        kept = nms(boxes, conf[b][valid].float(), iou)[:k]
+        out.append(valid[kept])
+    return out
