@@ -77,6 +77,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from .detector import Detector, DenseOutput, NMSConfig, check_finite
 from .tiny_backbone import LEVEL_STRIDES, tiny_resnet_fpn
+from .weights import CheckpointError  # the project's one checkpoint error (message names the file)
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,6 @@ COCO_CLASS_NAMES: tuple[str, ...] = tuple(_COCO_CATEGORIES[i] for i in COCO_CATE
 COCO_NUM_TV_CLASSES = len(_COCO_CATEGORIES)  # 91
 
 _NORM_OR_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
-
-class CheckpointError(ValueError):
-    """A weights file that does not fit the model; the message names the file and the first mismatches."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +257,9 @@ class TorchvisionDetector(Detector):
             raw = self.model(list(x), tv_targets)
         return {self.loss_names.get(k, k): v for k, v in raw.items()}
 
-    def postprocess(self, dense: DenseOutput) -> list[dict]:  # pragma: no cover - abstract
+    def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:  # pragma: no cover
+        """Reproduce ``predict(x)`` from ``dense(x)`` with the family's own post-processing code (``x`` is only
+        used by Mask R-CNN, whose mask branch needs the features)."""
         raise NotImplementedError
 
     def nms_config(self) -> NMSConfig:
@@ -344,7 +338,7 @@ class RetinaNetDetector(_OneStage):
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid", extra=extra)
 
     @torch.no_grad()
-    def postprocess(self, dense: DenseOutput) -> list[dict]:
+    def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
         """torchvision's ``RetinaNet.postprocess_detections`` on the dense output (per-level split)."""
         npl = dense.extra["num_per_level"]
         split = {"cls_logits": list(self._tv_logits(dense).detach().split(npl, 1)),
@@ -390,7 +384,7 @@ class FCOSDetector(_OneStage):
                            extra=extra)
 
     @torch.no_grad()
-    def postprocess(self, dense: DenseOutput) -> list[dict]:
+    def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
         """torchvision's ``FCOS.postprocess_detections`` on the dense output (per-level split)."""
         npl = dense.extra["num_per_level"]
         split = {"cls_logits": list(self._tv_logits(dense).detach().split(npl, 1)),
@@ -436,7 +430,7 @@ class SSDDetector(_OneStage):
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="softmax_bg", extra=extra)
 
     @torch.no_grad()
-    def postprocess(self, dense: DenseOutput) -> list[dict]:
+    def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
         """torchvision's ``SSD.postprocess_detections`` on the dense output."""
         ho = {"cls_logits": self._tv_logits(dense).detach(),
               "bbox_regression": dense.extra["bbox_regression"].detach()}
@@ -593,7 +587,7 @@ def configure_transform(model: nn.Module, input_size: int) -> None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(path, "no such weights file")
+        raise CheckpointError(f"{path}: no such weights file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -602,14 +596,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file name
-        raise CheckpointError(path, f"cannot read weights ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(path, "not a state dict (expected a mapping of parameter names to tensors)")
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
     return dict(obj)
 
 
@@ -620,31 +614,33 @@ def _strip_prefix(sd: dict, expected: set[str]) -> dict:
     return sd
 
 
-def _freeze_bn_like_checkpoint(model: nn.Module, sd: dict, eps: float | None) -> int:
-    """Replace each BatchNorm2d whose checkpoint entry has no ``num_batches_tracked`` (it was saved from a
-    torchvision ``FrozenBatchNorm2d``) by a ``FrozenBatchNorm2d``; returns how many were replaced."""
-    n = 0
-    for name, module in list(model.named_modules()):
-        for cname, child in list(module.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            if (type(child) is nn.BatchNorm2d and f"{full}.running_mean" in sd
-                    and f"{full}.num_batches_tracked" not in sd):
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps if eps is None else eps)
-                frozen.to(child.weight.device)
-                setattr(module, cname, frozen)
-                n += 1
-    return n
+def _bn_saved_frozen(model: nn.Module, sd: dict) -> list[str]:
+    """Names of the BatchNorm2d layers whose checkpoint entry has no ``num_batches_tracked``: they were saved
+    from torchvision ``FrozenBatchNorm2d`` layers (torchvision's pretrained detectors)."""
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.BatchNorm2d and f"{name}.running_mean" in sd and f"{name}.num_batches_tracked" not in sd]
+
+
+def _freeze_bn(model: nn.Module, names: list[str], eps: float | None) -> None:
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bn = getattr(parent, child_name)
+        frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps if eps is None else eps).to(bn.running_mean.device)
+        setattr(parent, child_name, frozen)
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
                          frozen_bn_eps: float | None = None) -> None:
     """Load a local weights file into ``model`` with a clear error on mismatch.
 
-    The file is read with ``torch.load(..., weights_only=True)`` (or safetensors for ``.safetensors``).
-    BatchNorm layers saved as torchvision ``FrozenBatchNorm2d`` (no ``num_batches_tracked``) become
-    ``FrozenBatchNorm2d`` (eps ``frozen_bn_eps`` or the layer's own). torchvision's v1 RetinaNet head keys
-    are upgraded as torchvision does. Raises :class:`CheckpointError` naming the file and the first
-    missing / unexpected keys and shape mismatches (e.g. another architecture or class count).
+    The file is read with ``torch.load(..., weights_only=True)`` (or safetensors for ``.safetensors``); a
+    torchvision-reference checkpoint ``{"model": state_dict, ...}`` and ``module.`` / ``model.`` key prefixes
+    are accepted. BatchNorm layers saved as torchvision ``FrozenBatchNorm2d`` (no ``num_batches_tracked``,
+    as in torchvision's COCO files) become ``FrozenBatchNorm2d`` (eps ``frozen_bn_eps`` or the layer's own).
+    torchvision's v1 RetinaNet head keys are upgraded as torchvision does. Raises :class:`CheckpointError`
+    naming the file and the first missing / unexpected keys and shape mismatches (another architecture or
+    class count); the model is left untouched then.
     """
     path = Path(path)
     expected = model.state_dict()
@@ -655,9 +651,9 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike, *, strict: b
         for prefix in ("head.classification_head.", "head.regression_head."):
             if f"{prefix}conv.0.0.weight" in expected and f"{prefix}conv.0.weight" in sd:
                 _v1_to_v2_weights(sd, prefix)
-    if _freeze_bn_like_checkpoint(model, sd, frozen_bn_eps):
-        expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
+    frozen = _bn_saved_frozen(model, sd)
+    dropped = {f"{n}.num_batches_tracked" for n in frozen}
+    missing = [k for k in expected if k not in sd and k not in dropped]
     unexpected = [k for k in sd if k not in expected]
     shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items()
               if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
@@ -672,7 +668,8 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike, *, strict: b
     if problems:
         hint = (" (a checkpoint for another architecture, or for another number of classes: K+1 columns for "
                 "softmax families, K for RetinaNet/FCOS, 91 for torchvision's COCO models)")
-        raise CheckpointError(path, f"does not fit {type(model).__name__}: " + " | ".join(problems) + hint)
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + " | ".join(problems) + hint)
+    _freeze_bn(model, frozen, frozen_bn_eps)
     model.load_state_dict(sd, strict=strict)
 
 
@@ -868,7 +865,12 @@ TORCHVISION_BUILDERS: tuple[str, ...] = (
 _COCO_V1_FROZEN_EPS = {"fasterrcnn_resnet50_fpn": 0.0, "maskrcnn_resnet50_fpn": 0.0, "retinanet_resnet50_fpn": 0.0}
 
 
-def torchvision_detector(builder_name: str, *, num_classes: int | None = None, input_size: int,
+#: the square input size a torchvision builder is made for (used when ``input_size`` is not given)
+NATIVE_INPUT_SIZE = {"ssd300_vgg16": 300, "ssdlite320_mobilenet_v3_large": 320,
+                     "fasterrcnn_mobilenet_v3_large_320_fpn": 320}
+
+
+def torchvision_detector(builder_name: str, *, num_classes: int | None = None, input_size: int | None = None,
                          weights_path: str | os.PathLike | None = None, frozen_bn_eps: float | None = None,
                          **kwargs) -> TorchvisionDetector:
     """Build a torchvision detector by builder name (no download) and wrap it.
@@ -880,7 +882,9 @@ def torchvision_detector(builder_name: str, *, num_classes: int | None = None, i
             layout, 91 class columns indexed by COCO category id, K = 80 and ``coco_category_ids`` set;
             this is what torchvision's COCO-pretrained files need. An int K builds K + 1 columns for the
             softmax families (R-CNN, SSD) and K for RetinaNet / FCOS.
-        input_size: S; inputs are (B, 3, S, S). (SSD300-VGG16 needs S >= 268.)
+        input_size: S; inputs are (B, 3, S, S). Default: the builder's own size (300 for SSD300, 320 for
+            SSDlite320 and the 320 Faster R-CNN, 800 (torchvision's ``min_size``) for the others; tiny
+            builders: 256). SSD300-VGG16 needs S >= 268.
         weights_path: optional local state dict (``torch.load(weights_only=True)`` or ``.safetensors``),
             e.g. torchvision's ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` from torch's cache. A file for
             another architecture or class count raises :class:`CheckpointError` naming the file and keys.
@@ -894,7 +898,7 @@ def torchvision_detector(builder_name: str, *, num_classes: int | None = None, i
     if builder_name in TINY_BUILDERS:
         if num_classes is None:
             raise ValueError(f"{builder_name} needs num_classes")
-        det = TINY_BUILDERS[builder_name](num_classes=num_classes, input_size=input_size, **kwargs)
+        det = TINY_BUILDERS[builder_name](num_classes=num_classes, input_size=input_size or 256, **kwargs)
         if weights_path is not None:
             det.load_weights(weights_path)
         return det
@@ -907,6 +911,8 @@ def torchvision_detector(builder_name: str, *, num_classes: int | None = None, i
         if kwargs.get(bad):
             raise ValueError(f"{bad}= would download weights; pass a local file as weights_path instead")
         kwargs.pop(bad, None)
+    if input_size is None:
+        input_size = NATIVE_INPUT_SIZE.get(builder_name, 800)
     sigmoid = builder_name.startswith(("retinanet", "fcos"))
     if num_classes is None:
         tv_nc = COCO_NUM_TV_CLASSES
