@@ -1,0 +1,78 @@
+"""The attack registry: ``ATTACKS`` (name -> class, each with a one-line ``description`` for
+``advdet attack --list``) and ``build_attack(name, model, **kw)``.
+
+Names:
+
+- loss-based detector attacks (RobustDet / MTD / CWAT; eps 8, step 8, 20 steps, sign):
+  ``pgd`` (total loss), ``cls`` (A_cls), ``loc`` (A_loc), ``cwa``, ``mtd``;
+- dense detector attacks: ``dag`` (Xie et al., reference settings), ``dag-eps`` (RAD Table 3);
+- attacks on the clean detections (RAD Tables 1 and 3; eps 16, step 2, 10 steps, eq. 5):
+  ``dfool``, ``loc-shift`` (RAD's "Localization"; ``loc`` is A_loc), ``size``;
+- ``gaussian``: RAD's noise ablation;
+- classifier transfer baselines (RAD Table 3; eps 16, step 2, 10 steps, sign): ``cls-pgd``,
+  ``cls-si-pgd``, ``cls-mi-di-pgd``, ``cls-mi-ti-pgd``.
+
+Other layers add attacks with ``register_attack`` (RAD registers ``rad``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advdet.attacks.base import Attack
+from advdet.attacks.classifier import ClassifierMIDIPGD, ClassifierMITIPGD, ClassifierPGD, ClassifierSIPGD
+from advdet.attacks.cwa import CWA
+from advdet.attacks.dag import DAG, DAGEps
+from advdet.attacks.dfool import Dfool
+from advdet.attacks.gaussian import GaussianNoise
+from advdet.attacks.loc_shift import LocShift
+from advdet.attacks.mtd import MTD
+from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
+from advdet.attacks.size import Size
+
+__all__ = ["ATTACKS", "build_attack", "register_attack", "list_attacks", "CLASSIFIER_ATTACKS"]
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+#: names whose ``model`` is an image classifier, not a Detector
+CLASSIFIER_ATTACKS: set[str] = set()
+
+
+def register_attack(cls: type[Attack], name: str | None = None, *, classifier: bool = False,
+                    replace: bool = False) -> type[Attack]:
+    """Add an attack class under ``name`` (default ``cls.name``); usable as a decorator."""
+    name = name or cls.name
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise TypeError(f"register_attack: {cls!r} is not an Attack subclass")
+    if name in ATTACKS and not replace and ATTACKS[name] is not cls:
+        raise ValueError(f"attack {name!r} is already registered ({ATTACKS[name].__name__})")
+    if not getattr(cls, "description", ""):
+        raise ValueError(f"attack {name!r} needs a one-line description")
+    ATTACKS[name] = cls
+    if classifier:
+        CLASSIFIER_ATTACKS.add(name)
+    return cls
+
+
+for _cls in (PGD, ClsAttack, LocAttack, CWA, MTD, DAG, DAGEps, Dfool, LocShift, Size, GaussianNoise):
+    register_attack(_cls)
+for _cls in (ClassifierPGD, ClassifierSIPGD, ClassifierMIDIPGD, ClassifierMITIPGD):
+    register_attack(_cls, classifier=True)
+
+
+def list_attacks() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered attack, in registration order."""
+    return [(n, c.description) for n, c in ATTACKS.items()]
+
+
+def build_attack(name: str, model: Any, **kw: Any) -> Attack:
+    """Instantiate the attack ``name`` on ``model`` with keyword hyper-parameters (the class defaults
+    otherwise). An unknown name or hyper-parameter raises a ``KeyError`` / ``TypeError`` naming it."""
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise KeyError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
+    try:
+        return cls(model, **kw)
+    except TypeError as err:
+        raise TypeError(f"attack {name!r}: {err}") from None
