@@ -12,7 +12,7 @@ from advdet.models.cfr import CFR, CFRDecoder, _decoder_size, cfr_kld, cfr_recon
 from advdet.models.dynamic_conv import DynamicConv2d
 from advdet.models.robustdet import (RobustSSD, robustdet_from_ssd, robustdet_loss, robustdet_small)
 from advdet.models.ssd_vgg import CONV4_3_INDEX, ssd_vgg_small
-from advdet.training.triplet import (EMPTY_TRIPLET_LOSS, aid_triplet_loss, js_divergence, mine_triplets,
+from advdet.models.aid_triplet import (EMPTY_TRIPLET_LOSS, aid_triplet_loss, js_divergence, mine_triplets,
                                      pdist_js, triplet_loss)
 
 S = 64

@@ -212,7 +212,7 @@ def robustdet_loss(model: RobustSSD, x_clean: torch.Tensor, t_clean: list[dict],
     - ``pi = AID([x_clean; x_adv])`` and one detector forward of the concatenated batch with that ``pi``;
     - ``L_det = L_cls + L_loc``, the multibox loss over all images (N = positives of the whole batch);
     - ``L_aid``: the triplet loss on ``pi`` with labels clean = 0, adversarial = 1
-      (:func:`advdet.training.triplet.aid_triplet_loss`, ``triplet="code"`` reference form by default,
+      (:func:`advdet.models.aid_triplet.aid_triplet_loss`, ``triplet="code"`` reference form by default,
       ``"paper"`` for eq. 2 with the JS divergence);
     - with CFR: ``L_re`` = MSE between the reconstructions of all images and their clean images (for the
       adversarial half: ``x_adv_clean``, else ``t_adv[i]["clean_image"]``), in normalised pixel units;
@@ -228,7 +228,7 @@ def robustdet_loss(model: RobustSSD, x_clean: torch.Tensor, t_clean: list[dict],
     Returns a dict with ``loss`` (the total, to backpropagate), ``det``, ``cls``, ``loc``, ``aid``,
     ``n_triplets``, ``pi`` (detached, (Bc + Ba, K)), and with CFR ``re`` and ``kld``.
     """
-    from advdet.training.triplet import aid_triplet_loss  # training-layer helper, imported lazily
+    from advdet.models.aid_triplet import aid_triplet_loss
 
     if not isinstance(model, RobustSSD):
         raise TypeError(f"robustdet_loss needs a RobustSSD, got {type(model).__name__}")
