@@ -161,8 +161,7 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
 
     from advdet.data.io import atomic_write_json
     from advdet.data.registry import build_dataset
-    from advdet.metrics.coco_map import coco_map
-    from advdet.models.evaluate import predict_dataset
+    from advdet.models.evaluate import predict_dataset, score_results
     from advdet.models.zoo import build_model
 
     det = build_model(model, weights=weights)
@@ -170,10 +169,8 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
     det.to(dev)
     ds = build_dataset(data, ann, size=size or det.input_size, skip_bad=skip_bad)
     results, ids = predict_dataset(det, ds, batch_size, limit)
-    out = {"model": model, "data": data, "images": len(ids), **coco_map(ds.coco_gt, results, "bbox", image_ids=ids)}
-    if getattr(det, "has_masks", False):
-        segm = coco_map(ds.coco_gt, [r for r in results if "segmentation" in r], "segm", image_ids=ids)
-        out.update({f"segm_{k}": v for k, v in segm.items()})
+    out = {"model": model, "data": data,
+           **score_results(ds.coco_gt, results, ids, getattr(det, "has_masks", False))}
     table = Table(title=f"{model} on {data} ({len(ids)} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -57,9 +57,13 @@ def evaluate_detector(detector: Detector, dataset, batch_size: int = 8, limit: i
     images}.
     """
     results, ids = predict_dataset(detector, dataset, batch_size, limit)
-    gt = dataset.coco_gt
+    return score_results(dataset.coco_gt, results, ids, getattr(detector, "has_masks", False))
+
+
+def score_results(gt: dict, results: list[dict], ids: list[int], masks: bool) -> dict:
+    """COCO box mAP of ``results`` on images ``ids`` (plus ``segm_*`` keys when ``masks``), and ``images``."""
     out = coco_map(gt, results, "bbox", image_ids=ids)
-    if getattr(detector, "has_masks", False):
+    if masks:
         segm = coco_map(gt, [r for r in results if "segmentation" in r], "segm", image_ids=ids)
         out.update({f"segm_{k}": v for k, v in segm.items()})
     out["images"] = len(ids)

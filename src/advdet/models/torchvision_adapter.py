@@ -298,6 +298,25 @@ class _OneStage(TorchvisionDetector):
         a = total // sum(hw)
         return [n * a for n in hw]
 
+    def _anchor_head_dense(self, x: torch.Tensor, num_per_level) -> DenseOutput:
+        """Dense output of an anchor-based head (RetinaNet, SSD): decode the deltas on the anchors.
+
+        ``num_per_level(feats, n)`` gives the candidates per feature level (for per-level post-processing).
+        """
+        m = self.model
+        images, feats = self._features(x)
+        ho = m.head(feats)
+        anchors = torch.stack(m.anchor_generator(images, feats))
+        tv_logits, reg = ho["cls_logits"], ho["bbox_regression"]
+        b, n = tv_logits.shape[:2]
+        boxes = m.box_coder.decode_single(reg.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(b, n, 4)
+        logits = self._ours_from_tv_logits(tv_logits)
+        check_finite(type(self).__name__, logits=logits, boxes=boxes)
+        extra = {"num_per_level": num_per_level(feats, n), "bbox_regression": reg}
+        if not self._identity:
+            extra["tv_logits"] = tv_logits
+        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode=self.score_mode, extra=extra)
+
     def _finish(self, dets: list[dict], b: int) -> list[dict]:
         sizes = self._sizes(b)
         dets = self.model.transform.postprocess(dets, sizes, sizes)
@@ -323,19 +342,7 @@ class RetinaNetDetector(_OneStage):
     loss_names = {"classification": "cls", "bbox_regression": "loc"}
 
     def dense(self, x: torch.Tensor) -> DenseOutput:
-        m = self.model
-        images, feats = self._features(x)
-        ho = m.head(feats)
-        anchors = torch.stack(m.anchor_generator(images, feats))
-        tv_logits, reg = ho["cls_logits"], ho["bbox_regression"]
-        b, n = tv_logits.shape[:2]
-        boxes = m.box_coder.decode_single(reg.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(b, n, 4)
-        logits = self._ours_from_tv_logits(tv_logits)
-        check_finite(type(self).__name__, logits=logits, boxes=boxes)
-        extra = {"num_per_level": self._num_per_level(feats, n), "bbox_regression": reg}
-        if not self._identity:
-            extra["tv_logits"] = tv_logits
-        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid", extra=extra)
+        return self._anchor_head_dense(x, lambda feats, n: self._num_per_level(feats, n))
 
     @torch.no_grad()
     def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
@@ -414,20 +421,9 @@ class SSDDetector(_OneStage):
     loss_names = {"classification": "cls", "bbox_regression": "loc"}
 
     def dense(self, x: torch.Tensor) -> DenseOutput:
-        m = self.model
-        images, feats = self._features(x)
-        ho = m.head(feats)
-        anchors = torch.stack(m.anchor_generator(images, feats))
-        tv_logits, reg = ho["cls_logits"], ho["bbox_regression"]
-        b, n = tv_logits.shape[:2]
-        boxes = m.box_coder.decode_single(reg.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(b, n, 4)
-        logits = self._ours_from_tv_logits(tv_logits)
-        check_finite(type(self).__name__, logits=logits, boxes=boxes)
-        npl = [f.shape[-2] * f.shape[-1] * a for f, a in zip(feats, m.anchor_generator.num_anchors_per_location())]
-        extra = {"num_per_level": npl, "bbox_regression": reg}
-        if not self._identity:
-            extra["tv_logits"] = tv_logits
-        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="softmax_bg", extra=extra)
+        per_loc = self.model.anchor_generator.num_anchors_per_location()
+        return self._anchor_head_dense(
+            x, lambda feats, n: [f.shape[-2] * f.shape[-1] * a for f, a in zip(feats, per_loc)])
 
     @torch.no_grad()
     def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
