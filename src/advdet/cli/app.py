@@ -1,0 +1,61 @@
+"""The one Typer app ``advdet`` and what its command modules share (console, option parsing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import typer
+from rich.console import Console
+
+from advdet import __version__
+
+app = typer.Typer(help="advdet: adversarial robustness of object detectors (RAD, RobustDet).",
+                  no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Datasets: generate the synthetic shapes benchmark.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+zoo_app = typer.Typer(help="The model zoo: list and reproduce the shipped models.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+bench_app = typer.Typer(help="Benchmarks: transfer tables (RAD) and robustness tables (RobustDet).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+analyze_app = typer.Typer(help="Analyses of RobustDet section 3.2 (loss change, gradient entanglement, "
+                          "confidence).", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"advdet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+
+
+def resolve_device(device: str | None):
+    """``--device`` value, or CUDA when present, else CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,67 @@
+"""`advdet zoo`: list and reproduce the shipped models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from advdet.cli.app import console, parse_overrides, zoo_app
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Name, family, parameters, input size, classes, shapes-val mAP and file size of each zoo model."""
+    from advdet.models.zoo import ZOO_INPUT_SIZE, zoo_entries
+
+    rows = []
+    for e in zoo_entries():
+        card = e.card
+        params = card.get("parameters")
+        if params is None:
+            params = sum(p.numel() for p in e.builder().parameters())
+        val = card.get("shapes_val", {})
+        rows.append({"name": e.name, "family": e.family, "kind": e.kind, "parameters": params, "top1": val.get("top1"),
+                     "input_size": card.get("input_size", ZOO_INPUT_SIZE), "classes": card.get("num_classes", 8),
+                     "map": val.get("map"), "map50": val.get("map50"), "map75": val.get("map75"),
+                     "file_size": card.get("file_size"), "trained": e.trained})
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="advdet zoo (trained on shapes-train, evaluated on shapes-val)")
+    for col in ("name", "family", "params", "input", "classes", "mAP", "mAP50", "mAP75", "top-1", "size"):
+        table.add_column(col, justify="left" if col in ("name", "family") else "right")
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    for r in rows:
+        size = "not trained" if r["file_size"] is None else f"{r['file_size'] / 1e6:.1f} MB"
+        table.add_row(r["name"], r["family"], f"{r['parameters'] / 1e6:.2f}M", str(r["input_size"]),
+                      str(r["classes"]), f(r["map"]), f(r["map50"]), f(r["map75"]), f(r["top1"]), size)
+    console.print(table)
+
+
+@zoo_app.command("train")
+def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
+              out: Optional[Path] = typer.Option(None, help="Where to write NAME.safetensors and NAME.json "
+                                                 "(default: the package's zoo_weights)."),
+              run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default $ADVDET_HOME/runs/NAME)."),
+              resume: bool = typer.Option(False, help="Continue from the last checkpoint."),
+              set_: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set epochs=2."),
+              threads: Optional[int] = typer.Option(None, help="torch CPU threads.")) -> None:
+    """Reproduce a zoo entry from its recipe with a fixed seed (train, evaluate, write weights + card)."""
+    from advdet.training.zoo_train import train_zoo_model
+
+    card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=parse_overrides(set_),
+                           threads=threads)
+    v = card["shapes_val"]
+    score = (f"top-1 {v['top1']:.3f}" if "top1" in v else
+             f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")
+    console.print(f"{name}: shapes-val {score}; {card['training_seconds']:.0f} s training; "
+                  f"weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")
+
+
