@@ -39,6 +39,7 @@ FAST = {  # fewer steps than the defaults, to keep the suite fast
     "pgd": dict(steps=3), "cls": dict(steps=3), "loc": dict(steps=3), "cwa": dict(steps=3),
     "mtd": dict(steps=3), "dag": dict(steps=20, gamma=8.0), "dag-eps": dict(steps=4),
     "dfool": dict(steps=4), "loc-shift": dict(steps=4), "size": dict(steps=4),
+    "rad": dict(steps=2, transforms=[]), "dag-robustdet": dict(steps=3),
 }
 DETECTOR_ATTACKS = [n for n in ATTACKS if n not in CLASSIFIER_ATTACKS and n != "gaussian"]
 
@@ -286,5 +287,14 @@ def test_registry():
     assert (atk.eps, atk.step, atk.steps, atk.update) == (4.0, 1.0, 7, "sign")
     d = build_attack("dag", None)
     assert (d.eps, d.step, d.steps, d.update) == (None, 0.5, 150, "linf")
+    assert (d.num_candidates, d.iou_thresh, d.prob_thresh, d.early_stop, d.strong, d.rpn_nms) == (
+        3000, 0.1, 0.1, True, False, 0.9)
+    for name in ("pgd", "cls", "loc", "cwa", "mtd"):  # RobustDet's evaluation setting (ALGORITHMS.md 1.6)
+        a = build_attack(name, None)
+        assert (a.eps, a.step, a.steps, a.update, a.random_start) == (8.0, 8.0, 20, "sign", False), name
+    for name in ("dfool", "loc-shift", "size"):  # RAD sec. 4.1
+        a = build_attack(name, None)
+        assert (a.eps, a.step, a.steps, a.update) == (16.0, 2.0, 10, "mean_abs"), name
+    assert build_attack("mtd", None).mode == "per_image" and build_attack("gaussian", None).sigma == 9.0
     r = build_attack("dag-eps", None)
     assert (r.eps, r.step, r.steps, r.update) == (16.0, 2.0, 10, "mean_abs")

@@ -162,3 +162,14 @@ def test_stacked_transforms_run_in_an_attack_loop():
     assert (f(xa) > f(x)).all()
     assert torch.equal(xa, Toy(f, eps=4, step=1, steps=3, update="mean_abs",
                                transforms=[SI(), DI(), TI(size=3), MI()], seed=1)(x))  # seeded
+
+
+def test_defaults_follow_rad_appendix_e2_and_the_reference_code():
+    si, di, ti, mi = SI(), DI(), TI(), MI()
+    x = rand(1, 3, 8, 8)
+    assert (si.scales, si.extra_unscaled, si.normalize_terms) == (4, True, True)
+    assert len(si.copies(x, torch.Generator())) == 5  # x * 0.5^i, i = 0..3, plus x again (RAD's code)
+    assert (di.n_copies, di.low, di.high, di.p, di.fill, di.include_original) == (4, 0.9, 1.0, 1.0, 0.0, True)
+    assert len(di.copies(x, torch.Generator())) == 5  # the original + 4 resized, pasted copies (p = 1)
+    assert (ti.size, ti.nsig) == (15, 3.0) and mi.mu == 1.0
+    assert (si.stage, di.stage, ti.stage, mi.stage) == (0, 0, 1, 2)

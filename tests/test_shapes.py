@@ -4,7 +4,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 

@@ -6,7 +6,7 @@ import torch
 
 from advdet.models.box_ops import match_priors, ssd_decode, ssd_encode
 from advdet.models.detector import postprocess_dense
-from advdet.models.ssd_vgg import CONV4_3_INDEX, SSDVGG, ssd_vgg16, ssd_vgg_small
+from advdet.models.ssd_vgg import CONV4_3_INDEX, ssd_vgg16, ssd_vgg_small
 
 
 def _images(n=4, s=64, seed=0):

@@ -43,6 +43,10 @@ A subclass implements
 - ``objective(x_in, state) -> (B,)``: the per-image scalar to **ascend**, differentiable w.r.t. ``x_in``.
   Under SI/DI it is evaluated on transformed copies of the current image, so it must only depend on
   ``x_in`` and ``state`` (select nodes/candidates in ``on_step``, not here).
+- ``total_objective(x_in, state) -> ()`` (optional): the sum of ``objective`` over the batch, the scalar
+  whose gradient the loop follows. The default sums ``objective``; override it when the sum has a
+  cheaper form than the per-image values (e.g. one batched loss call instead of one per image, see
+  ``pgd.PGD``). ``objective`` itself is then only used for diagnostics and per-image choices (MTD).
 - ``on_step(t, x_adv, state)`` (optional, no grad): run before step ``t`` on the current image; it may
   set ``state["active"]`` ((B,) bool): images that are False are not changed at this step, and the
   loop stops when no image is active (DAG's stopping rule). RAD re-selects its node set here.
@@ -258,6 +262,10 @@ class Attack:
         """Per-image scalar (B,) to ascend, differentiable w.r.t. ``x_in``."""
         raise NotImplementedError
 
+    def total_objective(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
+        """Scalar: the sum over the batch of ``objective(x_in, state)``; its gradient drives the loop."""
+        return self._checked(self.objective(x_in, state), x_in).sum()
+
     def on_step(self, t: int, x_adv: torch.Tensor, state: dict) -> None:
         """Per-iteration hook (no grad), before the gradient of step ``t``; may set ``state["active"]``."""
 
@@ -305,19 +313,31 @@ class Attack:
             x_adv = torch.where(mask, x_adv, x)
         return x_adv
 
+    def _checked(self, obj: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        if obj.ndim != 1 or obj.shape[0] != x_in.shape[0]:
+            raise ValueError(f"{type(self).__name__}.objective must return one value per image "
+                             f"(shape ({x_in.shape[0]},)), got {tuple(obj.shape)}")
+        return obj
+
     def raw_gradient(self, x_in: torch.Tensor, state: dict,
                      objective: Callable[[torch.Tensor, dict], torch.Tensor] | None = None) -> torch.Tensor:
-        """d sum(objective(x_in)) / d x_in (zeros where the objective does not depend on the input)."""
-        objective = objective or self.objective
+        """d sum(objective(x_in)) / d x_in (zeros where the objective does not depend on the input).
+
+        ``objective``: a per-image function ((B,) values) or a batch total (a 0-dim tensor); default
+        ``self.total_objective``."""
         xr = x_in.detach().requires_grad_(True)
         with torch.enable_grad():
-            obj = objective(xr, state)
-            if obj.ndim != 1 or obj.shape[0] != x_in.shape[0]:
-                raise ValueError(f"{type(self).__name__}.objective must return one value per image "
-                                 f"(shape ({x_in.shape[0]},)), got {tuple(obj.shape)}")
-            if not obj.requires_grad:
+            if objective is None:
+                total = self.total_objective(xr, state)
+            else:
+                obj = objective(xr, state)
+                total = obj if obj.ndim == 0 else self._checked(obj, x_in).sum()
+            if total.ndim != 0:
+                raise ValueError(f"{type(self).__name__}.total_objective must return a scalar, "
+                                 f"got shape {tuple(total.shape)}")
+            if not total.requires_grad:
                 return torch.zeros_like(x_in)
-            (g,) = torch.autograd.grad(obj.sum(), xr, allow_unused=True)
+            (g,) = torch.autograd.grad(total, xr, allow_unused=True)
         return torch.zeros_like(x_in) if g is None else g.detach()
 
     def gradient(self, x_adv: torch.Tensor, state: dict,

@@ -10,6 +10,7 @@ import torch
 
 from advdet.attacks.base import Attack
 from advdet.attacks.losses import gather_candidates, match_candidates, pseudo_targets, top_candidates
+from advdet.attacks.proposals import clean_proposals, dense_at
 from advdet.attacks.transforms import GradientTransform
 
 __all__ = ["CleanBoxAttack"]
@@ -20,11 +21,13 @@ class CleanBoxAttack(Attack):
 
     - the boxes to attack: the clean detections with score >= ``pseudo_thresh`` = 0.5 (an image with
       none keeps its ``pseudo_min_k`` = 1 best detection); with ``use_targets=True`` the given targets;
-    - the ``num_candidates`` = 3000 dense candidates with the highest max foreground score;
+    - the ``num_candidates`` = 3000 dense candidates with the highest max foreground score (two-stage
+      detectors: the clean image's RPN proposals are kept fixed, ``advdet.attacks.proposals``);
     - the matched candidates: those whose clean decoded box has IoU >= ``match_iou`` = 0.5 with an
       attacked box (each attacked box keeps at least its best candidate).
 
-    State: ``cand`` (B, n) indices, ``matched`` (B, n) bool, ``boxes0`` (B, n, 4) clean decoded boxes,
+    State: ``cand`` (B, n) indices, ``proposals`` (two-stage: the clean proposals, else None),
+    ``matched`` (B, n) bool, ``boxes0`` (B, n, 4) clean decoded boxes,
     ``ref_boxes`` (B, n, 4) the attacked box each candidate matched. Subclasses implement
     ``candidate_objective(dense, state) -> (B, n)`` (per candidate, to ascend); the objective is its
     mean over the matched candidates of each image (0 for an image without any).
@@ -51,6 +54,7 @@ class CleanBoxAttack(Attack):
         else:
             ref = pseudo_targets(self.model, x, self.pseudo_thresh, self.pseudo_min_k)
         dense = self.model.dense(x)
+        proposals = clean_proposals(self.model, dense)
         idx = top_candidates(dense, self.num_candidates)
         boxes0 = gather_candidates(dense.boxes, idx)
         valid = gather_candidates(dense.valid, idx)
@@ -63,13 +67,13 @@ class CleanBoxAttack(Attack):
             matched[i] = m & valid[i]
             if rb.numel():
                 ref_boxes[i] = rb[which]
-        return {"attacked": ref, "cand": idx, "matched": matched, "boxes0": boxes0, "ref_boxes": ref_boxes,
+        return {"attacked": ref, "cand": idx, "proposals": proposals, "matched": matched, "boxes0": boxes0, "ref_boxes": ref_boxes,
                 "image_size": (x.shape[-2], x.shape[-1])}
 
     def candidate_objective(self, dense, state: dict) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def objective(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
-        per = self.candidate_objective(self.model.dense(x_in), state)
+        per = self.candidate_objective(dense_at(self.model, x_in, state["proposals"]), state)
         m = state["matched"].to(per.dtype)
         return (per * m).sum(1) / m.sum(1).clamp_min(1)

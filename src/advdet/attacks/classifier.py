@@ -15,12 +15,17 @@ from advdet.attacks.transforms import DI, MI, SI, TI, GradientTransform
 __all__ = ["ClassifierPGD", "ClassifierSIPGD", "ClassifierMIDIPGD", "ClassifierMITIPGD"]
 
 
+def _detection_targets(targets: Any) -> bool:
+    return isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, dict) for t in targets)
+
+
 class ClassifierPGD(Attack):
     """PGD (Madry et al., 2018) on a classifier: maximise the cross-entropy of the label, which is the
     classifier's clean prediction (RAD sec. 4.3) unless ``targets`` is a (B,) label tensor.
 
     ``model``: any ``nn.Module`` mapping (B, 3, S, S) in [0, 1] to logits (B, classes). Defaults (RAD sec.
-    4.1): eps=16, step=2, 10 iterations, sign update, no random start, no transforms.
+    4.1): eps=16, step=2, 10 iterations, sign update, no random start, no transforms. Detection target
+    dicts (as a detection dataset yields them) are not labels: the clean prediction is used then.
     """
 
     name = "cls-pgd"
@@ -39,7 +44,9 @@ class ClassifierPGD(Attack):
         return []
 
     def prepare(self, x: torch.Tensor, targets: Any) -> dict:
-        if targets is None:
+        if targets is None or _detection_targets(targets):
+            # RAD sec. 4.3: the label is the classifier's clean prediction; the boxes of a detection
+            # dataset's targets are not labels of the image (their ``letterbox`` still feeds valid_only)
             labels = self.model(x).argmax(1)
         else:
             labels = torch.as_tensor(targets, device=x.device).long().reshape(-1)

@@ -9,11 +9,12 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
-from advdet.attacks.base import Attack
+from advdet.attacks.base import Attack, eval_mode
 from advdet.attacks.losses import gather_candidates, top_candidates
 from advdet.attacks.pgd import resolve_targets
+from advdet.attacks.proposals import clean_proposals, dense_at, rpn_settings
 from advdet.attacks.transforms import GradientTransform
 
 log = logging.getLogger(__name__)
@@ -45,25 +46,30 @@ def adversarial_label_map(present: Sequence[int], num_classes: int, generator: t
 
 
 class DAG(Attack):
-    """DAG (Xie et al., ICCV 2017), reference-code settings (ALGORITHMS.md 2.5) on dense candidates.
+    """DAG (Xie et al., ICCV 2017) as its paper defines it, with the reference code's settings
+    (ALGORITHMS.md 2.5), on the dense candidates of any Detector.
 
     - Candidates: the ``num_candidates`` = 3000 dense candidates with the highest max foreground score
-      on the clean image (``Detector.dense``), fixed for the attack (the reference fixes its 3000 RPN
-      proposals; for one-stage models the candidates are the dense boxes, for two-stage adapters the
-      candidate slots).
-    - Targets: candidate n gets ground truth i if IoU(clean box n, box i) > ``iou_thresh`` = 0.1 and
-      its probability of class(i) > ``prob_thresh`` = 0.1 (largest IoU if several); the others are
-      ignored. Ground truth = ``targets``, or the clean predictions (score >= 0.5, at least the top 1)
-      when ``targets=None``.
+      on the clean image (``Detector.dense``), fixed for the whole attack. One-stage detectors: the
+      dense boxes (anchors / priors). Two-stage detectors: the reference's proposals, i.e. the RPN run
+      once on the clean image with NMS ``rpn_nms`` = 0.9 and up to ``num_candidates`` proposals, then
+      kept fixed (``dense(x, proposals=...)``; see ``advdet.attacks.proposals``).
+    - Targets: candidate n gets ground truth i if IoU(box n, box i) > ``iou_thresh`` = 0.1 and its
+      clean probability of class(i) > ``prob_thresh`` = 0.1 (largest IoU if several); the others are
+      ignored. Box n is the proposal (two-stage) or the clean decoded box (one-stage). Ground truth =
+      ``targets``, or the clean predictions (score >= 0.5, at least the top 1) when ``targets=None``.
     - Adversarial labels: a random injective map from the image's classes to absent classes
       (``adversarial_label_map``, seeded), shared by all candidates of a class.
-    - Objective (ascended): sum over active candidates of ``z_adv - z_orig`` on pre-softmax logits;
-      active = assigned and still predicted as its original label (the paper's rule; the prediction
-      is the argmax over all columns, background included, for softmax models).
+    - Objective (ascended): sum over active candidates of ``z_adv - z_orig`` on pre-softmax logits
+      (the reference's ``r = sum grad z_adv - grad z_orig``); active = assigned and still predicted as its
+      original label (the paper's T_m; the prediction is the argmax over all columns, background
+      included, for softmax models, the argmax class for sigmoid models).
     - Step: ``r <- r + gamma * g / ||g||_inf`` per image with gamma = 0.5 in 0-255 units
       (``update="linf"``), no eps; unlike the reference, the iterate is clipped to [0, 1] every step.
     - Stop: per image when no candidate is active (the image stops changing), at most 150 iterations.
-      The reference's "strong" NMS check is not implemented.
+      ``strong=True`` adds the reference code's "strong" check: the candidates already predicted as
+      their adversarial label are NMS-ed at 0.35 (on their boxes, by that label's probability) and any
+      kept one with probability < 0.8 counts as still predicted as its original label.
     """
 
     name = "dag"
@@ -71,23 +77,38 @@ class DAG(Attack):
 
     def __init__(self, model, *, steps: int = 150, gamma: float = 0.5, eps: float | None = None,
                  update: str = "linf", num_candidates: int = 3000, iou_thresh: float = 0.1,
-                 prob_thresh: float = 0.1, early_stop: bool = True, random_start: bool = False,
-                 valid_only: bool = False, transforms: Sequence[GradientTransform] = (), seed: int = 0,
-                 device=None, pseudo_thresh: float = 0.5, pseudo_min_k: int = 1):
+                 prob_thresh: float = 0.1, early_stop: bool = True, strong: bool = False,
+                 strong_nms: float = 0.35, strong_score: float = 0.8, rpn_nms: float | None = 0.9,
+                 random_start: bool = False, valid_only: bool = False,
+                 transforms: Sequence[GradientTransform] = (), seed: int = 0, device=None,
+                 pseudo_thresh: float = 0.5, pseudo_min_k: int = 1):
         super().__init__(model, eps=eps, step=gamma, steps=steps, update=update, random_start=random_start,
                          valid_only=valid_only, transforms=transforms, seed=seed, device=device)
+        if num_candidates < 1:
+            raise ValueError(f"{type(self).__name__}: num_candidates must be >= 1, got {num_candidates}")
         self.num_candidates = int(num_candidates)
         self.iou_thresh, self.prob_thresh = float(iou_thresh), float(prob_thresh)
         self.early_stop = bool(early_stop)
+        self.strong, self.strong_nms, self.strong_score = bool(strong), float(strong_nms), float(strong_score)
+        self.rpn_nms = None if rpn_nms is None else float(rpn_nms)
         self.pseudo_thresh, self.pseudo_min_k = float(pseudo_thresh), int(pseudo_min_k)
+
+    def clean_dense(self, x: torch.Tensor):
+        """The dense output of the clean batch; two-stage: with the reference's RPN settings."""
+        rpn = getattr(getattr(self.model, "model", None), "rpn", None)
+        pre = None if rpn is None else max(int(rpn._pre_nms_top_n["testing"]), self.num_candidates)
+        with rpn_settings(self.model, nms_thresh=self.rpn_nms, pre_nms_top_n=pre,
+                          post_nms_top_n=self.num_candidates):
+            return self.model.dense(x)
 
     def prepare(self, x: torch.Tensor, targets: Any) -> dict:
         tg = resolve_targets(self.model, x, targets, self.pseudo_thresh, self.pseudo_min_k)
-        dense = self.model.dense(x)
+        dense = self.clean_dense(x)
+        proposals = clean_proposals(self.model, dense)
         k = dense.num_classes
         idx = top_candidates(dense, self.num_candidates)
         probs = gather_candidates(dense.class_probs(), idx)
-        boxes = gather_candidates(dense.boxes, idx)
+        boxes = gather_candidates(dense.anchors if proposals is not None else dense.boxes, idx)
         valid = gather_candidates(dense.valid, idx)
         b, n = idx.shape
         orig = torch.full((b, n), -1, dtype=torch.long, device=x.device)
@@ -111,26 +132,44 @@ class DAG(Attack):
         if not_injective:
             log.warning("DAG: %d image(s) have more classes present than absent (K = %d); their adversarial "
                         "label maps are not injective", not_injective, k)
-        return {"targets": tg, "cand": idx, "orig": orig, "adv": adv, "label_maps": maps,
-                "assigned": orig >= 0, "offset": 1 if dense.score_mode == "softmax_bg" else 0}
+        return {"targets": tg, "cand": idx, "proposals": proposals, "boxes0": boxes, "orig": orig, "adv": adv,
+                "label_maps": maps, "assigned": orig >= 0,
+                "offset": 1 if dense.score_mode == "softmax_bg" else 0}
 
-    def predicted(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
-        """(B, n) current predicted foreground class of each candidate (-1: background)."""
-        dense = self.model.dense(x_in)
+    def predicted(self, x_in: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n) current predicted class of each candidate (-1: background) and its probability."""
+        dense = dense_at(self.model, x_in, state["proposals"])
         if dense.score_mode == "softmax_bg":
-            pred = gather_candidates(dense.logits, state["cand"]).argmax(-1) - 1
-        else:
-            pred = gather_candidates(dense.class_probs(), state["cand"]).argmax(-1)
-        return pred
+            p = gather_candidates(dense.logits, state["cand"]).softmax(-1)
+            score, pred = p.max(-1)
+            return pred - 1, score
+        score, pred = gather_candidates(dense.class_probs(), state["cand"]).max(-1)
+        return pred, score
+
+    def still_original(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
+        """(B, n) assigned candidates still predicted as their original label (T_m of the paper; with
+        ``strong``, also the weak adversarial ones of the reference's check)."""
+        pred, score = self.predicted(x_in, state)
+        assigned = state["assigned"]
+        still = assigned & (pred == state["orig"])
+        if self.strong:
+            fooled = assigned & (pred == state["adv"])
+            for i in range(fooled.shape[0]):
+                idx = fooled[i].nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                keep = idx[nms(state["boxes0"][i][idx].float(), score[i][idx].float(), self.strong_nms)]
+                still[i, keep[score[i][keep] < self.strong_score]] = True
+        return still
 
     def on_step(self, t: int, x_adv: torch.Tensor, state: dict) -> None:
-        cand_active = state["assigned"] & (self.predicted(x_adv, state) == state["orig"])
+        cand_active = self.still_original(x_adv, state)
         state["cand_active"] = cand_active
         if self.early_stop:
             state["active"] = cand_active.any(1)
 
     def objective(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
-        z = gather_candidates(self.model.dense(x_in).logits, state["cand"])  # (B, n, C)
+        z = gather_candidates(dense_at(self.model, x_in, state["proposals"]).logits, state["cand"])  # (B, n, C)
         off = state["offset"]
         act = state.get("cand_active", state["assigned"])
         z_adv = z.gather(-1, (state["adv"].clamp_min(0) + off)[..., None])[..., 0]
@@ -140,8 +179,8 @@ class DAG(Attack):
     def fooled_fraction(self, x_adv: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """(B,) fraction of assigned candidates no longer predicted as their original label."""
         state = self.last_state if state is None else state
-        with torch.no_grad():
-            still = state["assigned"] & (self.predicted(x_adv.to(state["x"].device), state) == state["orig"])
+        with torch.no_grad(), eval_mode(self.model):
+            still = self.still_original(x_adv.to(state["x"].device), state)
         n = state["assigned"].sum(1)
         return torch.where(n > 0, 1 - still.sum(1) / n.clamp_min(1), torch.ones_like(n, dtype=torch.float))
 
@@ -156,10 +195,13 @@ class DAGEps(DAG):
 
     def __init__(self, model, *, eps: float | None = 16.0, step: float = 2.0, steps: int = 10,
                  update: str = "mean_abs", num_candidates: int = 3000, iou_thresh: float = 0.1,
-                 prob_thresh: float = 0.1, early_stop: bool = True, random_start: bool = False,
-                 valid_only: bool = False, transforms: Sequence[GradientTransform] = (), seed: int = 0,
-                 device=None, pseudo_thresh: float = 0.5, pseudo_min_k: int = 1):
+                 prob_thresh: float = 0.1, early_stop: bool = True, strong: bool = False,
+                 strong_nms: float = 0.35, strong_score: float = 0.8, rpn_nms: float | None = 0.9,
+                 random_start: bool = False, valid_only: bool = False,
+                 transforms: Sequence[GradientTransform] = (), seed: int = 0, device=None,
+                 pseudo_thresh: float = 0.5, pseudo_min_k: int = 1):
         super().__init__(model, steps=steps, gamma=step, eps=eps, update=update, num_candidates=num_candidates,
-                         iou_thresh=iou_thresh, prob_thresh=prob_thresh, early_stop=early_stop,
+                         iou_thresh=iou_thresh, prob_thresh=prob_thresh, early_stop=early_stop, strong=strong,
+                         strong_nms=strong_nms, strong_score=strong_score, rpn_nms=rpn_nms,
                          random_start=random_start, valid_only=valid_only, transforms=transforms, seed=seed,
                          device=device, pseudo_thresh=pseudo_thresh, pseudo_min_k=pseudo_min_k)

@@ -7,6 +7,11 @@ normalised across images (other families), and attacks sum them over the batch. 
 for SSD-VGG one forward pass is followed by one ``multibox_loss`` call per image slice; for other
 families ``detector.loss`` is called once per image (B forward passes), unless the detector offers a
 ``per_image_loss(x, targets) -> dict[str, (B,)]`` method.
+
+The gradient of a loss-based attack only needs the *sum* over the batch (``total_losses``). For the
+families in ``BATCH_MEAN_FAMILIES`` the loss of a batch is the mean over its images of the loss of each
+image alone, so that sum is ``B * loss(batch)``: one batched forward and backward pass, and the same
+gradient as the per-image calls (the model is in eval mode, so images do not interact).
 """
 
 from __future__ import annotations
@@ -41,6 +46,26 @@ def per_image_losses(detector: Any, x: torch.Tensor, targets: list[dict]) -> dic
         parts = [detector.loss(x[i:i + 1], [targets[i]]) for i in range(x.shape[0])]
     keys = parts[0].keys()
     return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in keys}
+
+
+#: families whose ``loss(batch)`` is the mean over the images of ``loss(image alone)`` (model in eval
+#: mode): torchvision RetinaNet (per-image focal / L1 sums over that image's foreground, averaged over
+#: the images), YOLOv3 (sums over candidates divided by B), torchvision Faster R-CNN (means over the same
+#: number of sampled anchors and ROIs per image, 128 by default, which every image fills in practice).
+#: Not FCOS or torchvision SSD (normalised by the foreground count of the whole batch), nor Mask R-CNN
+#: (mask loss averaged over the positive ROIs of the whole batch).
+BATCH_MEAN_FAMILIES = ("retinanet", "yolov3", "faster_rcnn")
+
+
+def total_losses(detector: Any, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The sum over the batch of ``per_image_losses`` (name -> 0-dim tensor); one batched call,
+    ``B * detector.loss(x, targets)``, for the families of ``BATCH_MEAN_FAMILIES``."""
+    if len(targets) != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
+    if not hasattr(detector, "per_image_loss") and getattr(detector, "family", None) in BATCH_MEAN_FAMILIES:
+        b = x.shape[0]
+        return {k: v * b for k, v in detector.loss(x, list(targets)).items()}
+    return {k: v.sum() for k, v in per_image_losses(detector, x, targets).items()}
 
 
 def sum_keys(losses: dict[str, torch.Tensor], keys: tuple[str, ...] | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from advdet.attacks.base import direction
-from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, sum_keys
+from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, sum_keys, total_losses
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
 from advdet.attacks.transforms import GradientTransform
 
@@ -66,8 +66,9 @@ class MTD(PGD):
                 pick_cls = self.objective(x_cls, state) >= self.objective(x_loc, state)
             return torch.where(pick_cls.view(-1, 1, 1, 1), x_cls, x_loc)
 
-        cls_obj = lambda xi, st: sum_keys(self.losses(xi, st), CLS_KEYS)  # noqa: E731
-        loc_obj = lambda xi, st: sum_keys(self.losses(xi, st), LOC_KEYS)  # noqa: E731
+        # batch totals (0-dim): the gradient of each step; the choice uses the per-image ``objective``
+        cls_obj = lambda xi, st: sum_keys(total_losses(self.model, xi, st["targets"]), CLS_KEYS)  # noqa: E731
+        loc_obj = lambda xi, st: sum_keys(total_losses(self.model, xi, st["targets"]), LOC_KEYS)  # noqa: E731
         x_adv = self.start_point(x, mask)
         self.reset_transforms(x)
         for _ in range(self.steps):

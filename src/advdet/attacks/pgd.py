@@ -4,7 +4,8 @@ Objective: the detector's own training losses (``Detector.loss``) computed per i
 (``losses.per_image_losses``: each image normalised as if it were alone, summed over the batch), with
 the ground-truth ``targets`` or, when ``targets=None``, the clean predictions as pseudo ground truth
 (score >= ``pseudo_thresh`` = 0.5; an image with no such detection keeps its ``pseudo_min_k`` = 1 best
-detection).
+detection). The gradient comes from the batch total (``losses.total_losses``: one batched pass where
+the family's loss allows it), the per-image values from ``objective``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from advdet.attacks.base import Attack
-from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, per_image_losses, pseudo_targets, sum_keys
+from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, per_image_losses, pseudo_targets, sum_keys, total_losses
 from advdet.attacks.transforms import GradientTransform
 
 __all__ = ["PGD", "ClsAttack", "LocAttack", "resolve_targets"]
@@ -60,6 +61,13 @@ class PGD(Attack):
 
     def objective(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
         return sum_keys(self.losses(x_in, state), self.loss_keys)
+
+    def total_objective(self, x_in: torch.Tensor, state: dict) -> torch.Tensor:
+        """The batch total of the losses (one batched pass where the family allows it); a subclass that
+        overrides ``objective`` or ``losses`` (e.g. CWA) gets the sum of its own per-image values."""
+        if type(self).objective is not PGD.objective or type(self).losses is not PGD.losses:
+            return super().total_objective(x_in, state)
+        return sum_keys(total_losses(self.model, x_in, state["targets"]), self.loss_keys)
 
 
 class ClsAttack(PGD):

@@ -23,11 +23,13 @@ from advdet.attacks.base import Attack
 from advdet.attacks.classifier import ClassifierMIDIPGD, ClassifierMITIPGD, ClassifierPGD, ClassifierSIPGD
 from advdet.attacks.cwa import CWA
 from advdet.attacks.dag import DAG, DAGEps
+from advdet.attacks.dag_robustdet import RobustDetDAG
 from advdet.attacks.dfool import Dfool
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
+from advdet.attacks.rad import RAD
 from advdet.attacks.size import Size
 
 __all__ = ["ATTACKS", "build_attack", "register_attack", "list_attacks", "CLASSIFIER_ATTACKS"]
@@ -58,6 +60,8 @@ for _cls in (PGD, ClsAttack, LocAttack, CWA, MTD, DAG, DAGEps, Dfool, LocShift, 
     register_attack(_cls)
 for _cls in (ClassifierPGD, ClassifierSIPGD, ClassifierMIDIPGD, ClassifierMITIPGD):
     register_attack(_cls, classifier=True)
+register_attack(RobustDetDAG)  # DAG as RobustDet's Table 1 runs it (attacks/dag_robustdet.py)
+register_attack(RAD)  # RAD, the Relevance Attack on Detectors (attacks/rad.py)
 
 
 def list_attacks() -> list[tuple[str, str]]:

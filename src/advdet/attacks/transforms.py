@@ -119,9 +119,11 @@ class SI(InputTransform):
 
 class DI(InputTransform):
     """Diverse inputs (Xie et al., CVPR 2019; RAD appendix E.2): the original plus ``copies`` copies,
-    each resized (bilinear) by a factor U(low, high) and pasted at a random position on a zero canvas of
-    the input size, applied with probability ``p`` (1 in RAD). One random size and position per copy,
-    shared by the batch.
+    each resized (bilinear) by a factor U(low, high) and pasted at a random position on a canvas of the
+    input size filled with ``fill``, applied with probability ``p`` (1 in RAD). One random size and
+    position per copy, shared by the batch. Defaults follow RAD's code (ALGORITHMS.md 2.4: U(0.9, 1),
+    zero canvas); RAD's appendix E.2 text ("resize to 0.9x, pad with white pixels") is
+    ``DI(low=0.9, high=0.9, fill=1.0)``.
 
     ``map_back=True`` (default, the standard DI): the copies are differentiable, so the gradient flows
     back to x through the resize and paste. RAD's reference code (ALGORITHMS.md 2.4) instead uses the
@@ -129,9 +131,13 @@ class DI(InputTransform):
     """
 
     def __init__(self, *, copies: int = 4, low: float = 0.9, high: float = 1.0, p: float = 1.0,
-                 include_original: bool = True, normalize_terms: bool = True, map_back: bool = True):
+                 include_original: bool = True, normalize_terms: bool = True, map_back: bool = True,
+                 fill: float = 0.0):
         if not 0 < low <= high <= 1:
             raise ValueError(f"DI: need 0 < low <= high <= 1, got {low}, {high}")
+        if not 0 <= fill <= 1:
+            raise ValueError(f"DI: fill must be in [0, 1], got {fill}")
+        self.fill = float(fill)
         self.n_copies = int(copies)
         self.low, self.high, self.p = float(low), float(high), float(p)
         self.include_original = bool(include_original)
@@ -150,21 +156,21 @@ class DI(InputTransform):
         return nh, nw, top, left
 
     @staticmethod
-    def apply(x: torch.Tensor, params: tuple[int, int, int, int] | None) -> torch.Tensor:
-        """The copy of ``x`` (B, C, H, W) for ``params``; differentiable."""
+    def apply(x: torch.Tensor, params: tuple[int, int, int, int] | None, fill: float = 0.0) -> torch.Tensor:
+        """The copy of ``x`` (B, C, H, W) for ``params`` on a canvas of value ``fill``; differentiable."""
         if params is None:
             return x
         nh, nw, top, left = params
         h, w = x.shape[-2:]
         y = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-        return F.pad(y, (left, w - nw - left, top, h - nh - top))
+        return F.pad(y, (left, w - nw - left, top, h - nh - top), value=fill)
 
     def copies(self, x, generator):
         h, w = x.shape[-2:]
         maps: list = [None] if self.include_original else []
         for _ in range(self.n_copies):
             params = self.sample(h, w, generator)
-            maps.append(None if params is None else (lambda t, q=params: self.apply(t, q)))
+            maps.append(None if params is None else (lambda t, q=params: self.apply(t, q, self.fill)))
         if not maps:
             raise ValueError("DI: no copies (copies=0 and include_original=False)")
         return maps
@@ -172,7 +178,7 @@ class DI(InputTransform):
     def __repr__(self) -> str:
         return (f"DI(copies={self.n_copies}, low={self.low}, high={self.high}, p={self.p}, "
                 f"include_original={self.include_original}, normalize_terms={self.normalize_terms}, "
-                f"map_back={self.map_back})")
+                f"map_back={self.map_back}, fill={self.fill})")
 
 
 def gaussian_kernel(size: int = 15, nsig: float = 3.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -19,7 +19,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_iou
 
 from advdet.models.box_ops import cxcywh_to_xyxy, match_priors, ssd_decode, ssd_encode
 from advdet.models.detector import Detector, DenseOutput, NMSConfig, check_finite, postprocess_dense

@@ -479,11 +479,20 @@ class FasterRCNNDetector(TorchvisionDetector):
         boxes, scores = rpn.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         return boxes, scores, objectness.view(b, -1)
 
-    def dense(self, x: torch.Tensor) -> DenseOutput:
+    def dense(self, x: torch.Tensor, proposals: Sequence[torch.Tensor] | None = None) -> DenseOutput:
+        """``proposals``: optional per-image (n_i, 4) boxes used instead of the RPN's, e.g. the proposals of
+        the clean image that attacks keep fixed (DAG); ``extra["proposal_scores"]`` is then 0."""
         m = self.model
         rh = m.roi_heads
         images, feats = self._backbone(x)
-        proposals, prop_scores, rpn_obj = self._rpn(images, feats)
+        rpn_proposals, prop_scores, rpn_obj = self._rpn(images, feats)
+        if proposals is None:
+            proposals = rpn_proposals
+        else:
+            if len(proposals) != x.shape[0]:
+                raise ValueError(f"{len(proposals)} proposal sets for a batch of {x.shape[0]} images")
+            proposals = [p.detach().to(rpn_proposals[0]).reshape(-1, 4) for p in proposals]
+            prop_scores = [p.new_zeros(p.shape[0]) for p in proposals]
         bf = rh.box_head(rh.box_roi_pool(feats, proposals, images.image_sizes))
         class_logits, box_regression = rh.box_predictor(bf)
         counts = [p.shape[0] for p in proposals]

@@ -11,15 +11,17 @@ Main entry points:
 """
 
 from advdet.relevance.figure import explain_image, relevance_figure
-from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, box_regression, distinct_candidates,
-                                    output_vector, select_nodes)
+from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, TrackedNodes, box_regression,
+                                    distinct_candidates, output_vector, resolve_values, score_values, select_nodes,
+                                    selection_needs_boxes)
 from advdet.relevance.rules import LRPContext, LRPRules, Traced, lrp, lrp_backward, trace_forward
 from advdet.relevance.sglrp import (RelevanceResult, box_relevance_maps, multi_node_sglrp_init, output_softmax,
                                     rad_code_inits, relevance_map, sglrp_init, sglrp_map, trace)
 
 __all__ = [
-    "LRPContext", "LRPRules", "NodeSelection", "NodeSet", "OutputVector", "RelevanceResult", "box_regression",
-    "box_relevance_maps", "distinct_candidates", "explain_image", "lrp", "lrp_backward", "multi_node_sglrp_init",
-    "output_softmax", "output_vector", "rad_code_inits", "relevance_figure", "relevance_map", "select_nodes",
-    "sglrp_init", "sglrp_map", "trace", "trace_forward", "Traced",
+    "box_regression", "box_relevance_maps", "distinct_candidates", "explain_image", "lrp", "lrp_backward",
+    "LRPContext", "LRPRules", "multi_node_sglrp_init", "NodeSelection", "NodeSet", "output_softmax",
+    "output_vector", "OutputVector", "rad_code_inits", "relevance_figure", "relevance_map", "RelevanceResult",
+    "resolve_values", "score_values", "select_nodes", "selection_needs_boxes", "sglrp_init", "sglrp_map",
+    "trace", "trace_forward", "Traced", "TrackedNodes",
 ]

@@ -113,6 +113,9 @@ def relevance_figure(image, boxes, single_maps: Sequence, multi_map, out_png: st
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the figure the usual permissions
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,9 +124,11 @@ def relevance_figure(image, boxes, single_maps: Sequence, multi_map, out_png: st
 
 
 def explain_image(detector, x: torch.Tensor, out_png: str | os.PathLike, *, k: int = 3, nodes=None, rules=None,
-                  variant: str = "paper", class_names: Sequence[str] | None = None) -> Path:
-    """One-call figure for one image ``x`` (1, 3, S, S) or (3, S, S): predicted boxes (``predict``), the
-    SGLRP maps of the ``k`` most confident distinct candidates and the multi-node map of ``nodes``."""
+                  variant: str = "paper", class_names: Sequence[str] | None = None,
+                  score_thresh: float = 0.0, max_boxes: int = 100, title: str | None = None) -> Path:
+    """One-call figure for one image ``x`` (1, 3, S, S) or (3, S, S): predicted boxes (``predict``; those
+    with score >= ``score_thresh``, at most ``max_boxes``), the SGLRP maps of the ``k`` most confident
+    distinct candidates and the multi-node map of ``nodes``."""
     from advdet.relevance.nodes import NodeSelection, distinct_candidates
     from advdet.relevance.rules import LRPRules
     from advdet.relevance.sglrp import box_relevance_maps, relevance_map
@@ -135,17 +140,26 @@ def explain_image(detector, x: torch.Tensor, out_png: str | os.PathLike, *, k: i
     with torch.no_grad():
         det = detector.predict(x)[0]
         dense = detector.dense(x)
-    cls_node = nodes.cls_node if isinstance(nodes, NodeSelection) else "auto"
-    cands = distinct_candidates(detector, dense, k, cls_node=cls_node)[0]
+    sel = nodes if isinstance(nodes, NodeSelection) else NodeSelection()
+    cands = distinct_candidates(detector, dense, k, cls_node=sel.cls_node)[0]
     singles = []
     if cands.numel():
-        res, _ = box_relevance_maps(detector, x, cands[None], cls_node=cls_node, rules=rules, variant=variant)
+        res, _ = box_relevance_maps(detector, x, cands[None], node_type=sel.node_type, cls_node=sel.cls_node,
+                                    outputs=sel.outputs, values=sel.values, rules=rules,
+                                    variant=variant)
         singles = [r.map[0] for r in res]
+    conf, label = dense.class_probs()[0, cands].max(-1) if cands.numel() else (None, None)
+
+    def name(lb) -> str:
+        return class_names[int(lb)] if class_names is not None and int(lb) < len(class_names) else str(int(lb))
+
     multi = relevance_map(detector, x, nodes, rules=rules, variant=variant).map[0]
+    keep = det["scores"] >= score_thresh
+    det = {key: v[keep][:max_boxes] for key, v in det.items() if key in ("boxes", "scores", "labels")}
     names = None
     if len(det["labels"]):
-        names = [(class_names[int(lb)] if class_names is not None else str(int(lb))) + f" {float(s):.2f}"
-                 for lb, s in zip(det["labels"], det["scores"])]
+        names = [f"{name(lb)} {float(s):.2f}" for lb, s in zip(det["labels"], det["scores"])]
     return relevance_figure(x[0], det["boxes"], singles, multi, out_png, labels=names,
                             single_boxes=dense.boxes[0, cands].detach() if cands.numel() else None,
-                            single_titles=[f"SGLRP on box {int(c)}" for c in cands])
+                            single_titles=[f"SGLRP on {name(lb)} {float(c):.2f}" for lb, c in zip(label, conf)]
+                            if cands.numel() else None, title=title)

@@ -9,6 +9,14 @@ it (RAD's code: "ReLU of the flattened raw model output", which for YOLOv3 is bo
 ``outputs="scores"`` leaves the box columns out (RAD's RetinaNet variant used only class outputs) unless
 the node type needs them. Padded candidates (``dense.valid`` False) are excluded from the softmax.
 
+``values`` says what the objectness / class entries of ``o`` are (the box columns are always the raw
+regression outputs): ``"logits"`` (raw scores, as RAD's YOLOv3 code: pre-sigmoid outputs) or
+``"probs"`` (sigmoid of sigmoid-family scores and objectness, softmax over the classes of softmax
+families; as RAD's RetinaNet code, whose outputs were post-sigmoid probabilities). ``"auto"`` (default):
+``"probs"`` for sigmoid families whose cls nodes are class scores (RetinaNet, FCOS), ``"logits"``
+otherwise (YOLO-style objectness nodes, softmax families). The difference matters through the ReLU:
+a logit below 0 (a box with score < 0.5) carries no relevance at all, a probability always does.
+
 Box regression columns are the raw regression outputs: YOLO ``extra["raw"][..., :4]`` (tx, ty, tw, th),
 our SSD ``extra["loc"]``, torchvision one-stage ``extra["bbox_regression"]`` (RetinaNet / SSD deltas
 dx, dy, dw, dh; FCOS distances l, t, r, b), two-stage ``extra["box_regression"]`` (the deltas of each
@@ -38,6 +46,7 @@ from torchvision.ops import nms
 from advdet.models.detector import Detector, DenseOutput
 
 NodeKind = Literal["static", "dynamic"]
+Values = Literal["auto", "logits", "probs"]
 NodeType = Literal["cls", "loc", "size"]
 ClsNode = Literal["auto", "class", "objectness"]
 
@@ -53,6 +62,7 @@ class NodeSelection:
     cls_node: ClsNode = "auto"
     max_nodes: int | None = 1000
     outputs: Literal["all", "scores"] = "all"
+    values: Values = "auto"
 
     def __post_init__(self) -> None:
         if self.kind not in ("static", "dynamic"):
@@ -63,6 +73,8 @@ class NodeSelection:
             raise ValueError(f"NodeSelection.cls_node must be auto/class/objectness, got {self.cls_node!r}")
         if self.outputs not in ("all", "scores"):
             raise ValueError(f"NodeSelection.outputs must be 'all' or 'scores', got {self.outputs!r}")
+        if self.values not in ("auto", "logits", "probs"):
+            raise ValueError(f"NodeSelection.values must be 'auto', 'logits' or 'probs', got {self.values!r}")
         if self.m < 1:
             raise ValueError(f"NodeSelection.m must be >= 1, got {self.m}")
         if self.max_nodes is not None and self.max_nodes < 1:
@@ -73,7 +85,8 @@ class NodeSelection:
 class OutputVector:
     """The per-candidate output layout. ``raw`` (B, N, D) pre-ReLU outputs (attached to the graph),
     ``valid`` (B, N), ``columns`` the D column names, ``box``/``obj``/``cls`` the column positions
-    (``box`` a start index of 4 columns or None, ``obj`` an index or None, ``cls`` the first logit column)."""
+    (``box`` a start index of 4 columns or None, ``obj`` an index or None, ``cls`` the first logit column),
+    ``score_mode`` the dense output's (how the class logits read)."""
 
     raw: torch.Tensor
     valid: torch.Tensor
@@ -81,6 +94,7 @@ class OutputVector:
     box: int | None
     obj: int | None
     cls: int
+    score_mode: str = "sigmoid"
 
     @property
     def num_candidates(self) -> int:
@@ -102,12 +116,14 @@ class OutputVector:
 @dataclass
 class NodeSet:
     """Target nodes T per image: ``mask`` (B, L) bool over the flattened output vector, and per image
-    the candidate index and column of each node (``candidates[b][i]``, ``columns[b][i]``)."""
+    the candidate index and column of each node (``candidates[b][i]``, ``columns[b][i]``); ``values``
+    (``"logits"`` / ``"probs"``) what the output vector holds (see the module docstring)."""
 
     mask: torch.Tensor
     candidates: list[torch.Tensor]
     columns: list[torch.Tensor]
     layout: tuple[str, ...]
+    values: str = "logits"
 
     @property
     def counts(self) -> list[int]:
@@ -121,7 +137,8 @@ class NodeSet:
         return [dense.boxes[b].detach()[torch.unique(c)] for b, c in enumerate(self.candidates)]
 
     @classmethod
-    def from_nodes(cls, candidates: list[torch.Tensor], columns: list[torch.Tensor], ov: OutputVector) -> "NodeSet":
+    def from_nodes(cls, candidates: list[torch.Tensor], columns: list[torch.Tensor], ov: OutputVector,
+                   values: str = "logits") -> "NodeSet":
         b, n, d = ov.raw.shape
         mask = torch.zeros(b, n * d, dtype=torch.bool, device=ov.raw.device)
         for i, (c, k) in enumerate(zip(candidates, columns)):
@@ -130,7 +147,7 @@ class NodeSet:
                     raise IndexError(f"node out of range: candidates in [0, {n}), columns in [0, {d})")
                 mask[i, c * d + k] = True
         return cls(mask, [c.to(ov.raw.device) for c in candidates], [k.to(ov.raw.device) for k in columns],
-                   ov.columns)
+                   ov.columns, values)
 
 
 def box_regression(detector: Detector, dense: DenseOutput) -> torch.Tensor | None:
@@ -178,7 +195,33 @@ def output_vector(detector: Detector, dense: DenseOutput, include_boxes: bool = 
     else:
         names += [f"cls{i}" for i in range(c)]
     raw = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
-    return OutputVector(raw, dense.valid, tuple(names), box, obj, cls)
+    return OutputVector(raw, dense.valid, tuple(names), box, obj, cls, dense.score_mode)
+
+
+def resolve_values(detector: Detector, dense: DenseOutput, values: Values, cls_node: ClsNode = "auto") -> str:
+    """``"logits"`` or ``"probs"`` for a ``values`` setting (``"auto"``: see the module docstring)."""
+    if values != "auto":
+        return values
+    if dense.score_mode == "sigmoid" and not _uses_objectness(detector, dense, cls_node):
+        return "probs"
+    return "logits"
+
+
+def score_values(ov: OutputVector, raw: torch.Tensor, values: str) -> torch.Tensor:
+    """(B, N, D) the output vector's entries before the ReLU: ``raw`` itself for ``"logits"``; for
+    ``"probs"`` the objectness / class columns as probabilities (sigmoid, or softmax over the class
+    columns of softmax families), the box columns unchanged."""
+    if values == "logits":
+        return raw
+    if values != "probs":
+        raise ValueError(f"values must be 'logits' or 'probs', got {values!r}")
+    parts = [raw[..., :ov.cls]] if ov.cls > 0 else []
+    if ov.obj is not None:
+        parts = [raw[..., :ov.obj], raw[..., ov.obj:ov.obj + 1].sigmoid()] + (
+            [raw[..., ov.obj + 1:ov.cls]] if ov.cls > ov.obj + 1 else [])
+    logits = raw[..., ov.cls:]
+    parts.append(logits.softmax(-1) if ov.score_mode == "softmax_bg" else logits.sigmoid())
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
 def _uses_objectness(detector: Detector, dense: DenseOutput, cls_node: ClsNode) -> bool:
@@ -226,6 +269,7 @@ def node_columns(detector: Detector, dense: DenseOutput, ov: OutputVector, candi
 
 def select_nodes(detector: Detector, dense: DenseOutput, ov: OutputVector, sel: NodeSelection) -> NodeSet:
     """The target node set T of every image (no gradient: T is re-selected at each attack step)."""
+    values = resolve_values(detector, dense, sel.values, sel.cls_node)
     conf, pre, label = candidate_scores(detector, dense, sel.cls_node)
     cands, cols = [], []
     for b in range(conf.shape[0]):
@@ -241,7 +285,62 @@ def select_nodes(detector: Detector, dense: DenseOutput, ov: OutputVector, sel: 
         c, k = node_columns(detector, dense, ov, idx, label[b][idx], sel.node_type, sel.cls_node)
         cands.append(c)
         cols.append(k)
-    return NodeSet.from_nodes(cands, cols, ov)
+    return NodeSet.from_nodes(cands, cols, ov, values)
+
+
+@dataclass
+class TrackedNodes:
+    """A node set selected at one input and reused at related inputs (RAD: T is selected on the current
+    adversarial image, then the relevance is taken at its SI / DI copies).
+
+    Per image the nodes are reused where the candidates at the new input are the same boxes, i.e. the
+    node candidates have the same anchors (always true for one-stage detectors, whose anchors / priors /
+    grid cells do not depend on the input); otherwise (two-stage detectors, whose proposals move with
+    the input) they are selected anew at the new input with ``selection``. ``reselected`` counts the
+    images for which that happened (a diagnostic).
+    """
+
+    nodes: NodeSet
+    anchors: list[torch.Tensor]
+    selection: NodeSelection
+    reselected: int = 0
+
+    @classmethod
+    def select(cls, detector: Detector, dense: DenseOutput, selection: NodeSelection) -> "TrackedNodes":
+        """Select T on ``dense`` (the current input) with ``selection`` and remember the anchors."""
+        ov = output_vector(detector, dense, include_boxes=selection_needs_boxes(selection))
+        ns = select_nodes(detector, dense, ov, selection)
+        anchors = [dense.anchors[b].detach()[c] for b, c in enumerate(ns.candidates)]
+        return cls(ns, anchors, selection)
+
+    @property
+    def include_boxes(self) -> bool:
+        return any(c.startswith("box") for c in self.nodes.layout)
+
+    def resolve(self, detector: Detector, dense: DenseOutput, ov: OutputVector) -> NodeSet:
+        """The node set for the input whose dense output is ``dense`` (laid out as ``ov``)."""
+        if tuple(self.nodes.layout) != ov.columns or len(self.nodes.candidates) != ov.raw.shape[0]:
+            raise ValueError("TrackedNodes: the output layout differs from the one the nodes were selected on")
+        n = ov.num_candidates
+        cands, cols, fresh = [], [], None
+        for b, (c, k) in enumerate(zip(self.nodes.candidates, self.nodes.columns)):
+            same = c.numel() == 0 or (int(c.max()) < n and bool(dense.valid[b][c].all())
+                                      and torch.equal(dense.anchors[b].detach()[c], self.anchors[b]))
+            if same:
+                cands.append(c)
+                cols.append(k)
+                continue
+            if fresh is None:
+                fresh = select_nodes(detector, dense, ov, self.selection)
+            self.reselected += 1
+            cands.append(fresh.candidates[b])
+            cols.append(fresh.columns[b])
+        return NodeSet.from_nodes(cands, cols, ov, self.nodes.values)
+
+
+def selection_needs_boxes(sel: NodeSelection) -> bool:
+    """Whether the output vector of ``sel`` includes the box-regression columns."""
+    return sel.outputs == "all" or sel.node_type != "cls"
 
 
 def distinct_candidates(detector: Detector, dense: DenseOutput, k: int = 3, iou: float = 0.45,

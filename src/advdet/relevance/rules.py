@@ -27,7 +27,9 @@ Rules (ALGORITHMS.md 2.2, iNNvestigate 1.0.8 ``BoundedDeepTaylor`` as RAD uses i
   per element (l = norm(0), h = norm(1); computed from the graph as ``a - J x`` and ``a + J (1 - x)``).
 - **Every other conv / linear**: **alpha1-beta0** with the full bias in the denominator
   ``z_j = sum_i (x+_i w+_ij + x-_i w-_ij) + b_j``, ``R_i = x+_i sum_j w+_ij R_j / z_j + x-_i sum_j w-_ij R_j / z_j``
-  (z+ on non-negative inputs). Division guards only exact zeros (1e-7), as the reference; ``epsilon > 0``
+  (z+ on non-negative inputs). Division guards only exact zeros (1e-7), as the reference, plus a floor at
+  |z| >= 1e4 sqrt(smallest normal) (1e-15 in float32) so the exact second derivative cannot overflow
+  (untrained heads with 0.01-std weights reach |z| ~ 1e-20); ``epsilon > 0``
   adds a signed stabiliser. ``z`` is **not** detached, so the map is exactly differentiable.
   Options for tests and ablations: ``"zero"`` (LRP-0), ``"epsilon"``, ``bias=False``.
 - **Activations** (ReLU, LeakyReLU, SiLU, sigmoid, ...): relevance x local derivative = their gradient.
@@ -227,10 +229,29 @@ def _vjp_factory(func, rest: tuple, kw: dict, in_shape) -> Callable | None:
 
 
 # ---------------------------------------------------------------------------------------------- the rules
+def _bcast(scalar_per_image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scalar_per_image`` (B, 1, ..., 1) times ``t`` (1, ...), broadcast over ``t``'s own rank."""
+    return scalar_per_image.reshape(-1, *([1] * (t.ndim - 1))) * t
+
+
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     if eps > 0:
         return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-    return torch.where(z == 0, torch.full_like(z, _ZERO_GUARD), z)
+    # exact zeros -> 1e-7 (the reference); |z| below ~sqrt(smallest normal) -> +-that floor, so that the
+    # derivative -R / z^2 of the exact second-order pass cannot overflow (0 * inf = NaN). The masks are
+    # constants: only one ``where`` enters the graph (none on CPU when no |z| is that small).
+    floor = _tiny_floor(z.dtype)
+    with torch.no_grad():
+        small = z.abs() < floor
+        if z.device.type == "cpu" and not bool(small.any()):
+            return z
+        repl = torch.where(z == 0, _ZERO_GUARD, torch.where(z < 0, -floor, floor)).to(z.dtype)
+    return torch.where(small, repl, z)
+
+
+def _tiny_floor(dtype: torch.dtype) -> float:
+    """1e4 * sqrt(smallest normal number): 1e-15 in float32, 1.5e-150 in float64."""
+    return 1e4 * torch.finfo(dtype).tiny ** 0.5
 
 
 @dataclass
@@ -290,16 +311,17 @@ class _RuleFn(torch.autograd.Function):
 
         if spec.rule == "zB":
             wp, wn = w.clamp(min=0), w.clamp(max=0)
-            if spec.low is not None:
+            if spec.low is not None:  # per-element bounds
                 lo, hi = spec.low, spec.high
-            else:
+                z = f(a, w, None) - f(lo.expand_as(a), wp, None) - f(hi.expand_as(a), wn, None)
+            else:  # per-image scalar bounds: f(l * 1, w+) = l * f(1, w+), one batch-1 conv for all images
                 dims = tuple(range(1, a.ndim))
                 lo, hi = a.amin(dim=dims, keepdim=True), a.amax(dim=dims, keepdim=True)
-            low_full, high_full = lo.expand_as(a), hi.expand_as(a)
-            z = f(a, w, None) - f(low_full, wp, None) - f(high_full, wn, None)
+                ones = torch.ones_like(a[:1])
+                z = f(a, w, None) - _bcast(lo, f(ones, wp, None)) - _bcast(hi, f(ones, wn, None))
             s = rel / _stabilise(z, spec.eps)
-            out = (a * _adj(lin(w), shape, s, w) - lo * _adj(lin(wp), shape, s, wp)
-                   - hi * _adj(lin(wn), shape, s, wn))
+            # sum_j (a w - l w+ - h w-) s_j = (a - l) J+^T s + (a - h) J-^T s, since J^T = J+^T + J-^T
+            out = (a - lo) * _adj(lin(wp), shape, s, wp) + (a - hi) * _adj(lin(wn), shape, s, wn)
         elif spec.rule == "alpha1beta0":
             wp, wn = w.clamp(min=0), w.clamp(max=0)
             bb = b if spec.bias_in_z else None

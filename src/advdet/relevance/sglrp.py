@@ -1,7 +1,7 @@
 """SGLRP (Iwana et al. 2019; RAD eq. 1) and Multi-Node SGLRP (RAD eq. 2) for any Detector.
 
-Initial relevance over the output vector ``o`` (see :mod:`advdet.relevance.nodes`), ``y = softmax(ReLU(o))``
-over all valid entries of one image:
+Initial relevance over the output vector ``o`` (see :mod:`advdet.relevance.nodes`: raw scores or
+probabilities, ``values``), ``y = softmax(ReLU(o))`` over all valid entries of one image:
 
 - **SGLRP, one target t** (eq. 1): ``R_t = y_t (1 - y_t)``, ``R_n = -y_n y_t`` (n != t).
 - **Multi-Node SGLRP, target set T of m nodes** (eq. 2, ``variant="paper"``, default):
@@ -27,9 +27,10 @@ from typing import Literal
 import torch
 
 from advdet.models.detector import Detector, DenseOutput
-from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, candidate_scores, node_columns,
-                                    output_vector, select_nodes)
-from advdet.relevance.rules import LRPContext, LRPRules, lrp_backward, trace_forward
+from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, TrackedNodes, Values, candidate_scores,
+                                    node_columns, output_vector, resolve_values, score_values, select_nodes,
+                                    selection_needs_boxes)
+from advdet.relevance.rules import LRPContext, LRPRules, _ShadowFn, lrp_backward, trace_forward
 
 Variant = Literal["paper", "rad_code"]
 
@@ -47,9 +48,10 @@ class RelevanceResult:
 
 
 # ---------------------------------------------------------------------------------------------- initial relevance
-def output_softmax(ov: OutputVector) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, y): o = ReLU of the flattened outputs (B, L); y = softmax(o) over each image's valid entries."""
-    o = ov.flat().relu()
+def output_softmax(ov: OutputVector, values: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, y): o = ReLU of the flattened outputs (B, L) (raw scores or probabilities, ``values``);
+    y = softmax(o) over each image's valid entries."""
+    o = score_values(ov, ov.raw, values).reshape(ov.raw.shape[0], -1).relu()
     valid = ov.flat_valid()
     logits = o.masked_fill(~valid, float("-inf"))
     y = torch.softmax(logits, -1)
@@ -112,13 +114,17 @@ class _Outputs:
     y: torch.Tensor        # (B, L) softmax of o
 
 
-def _outputs(detector: Detector, tr: _Trace, include_boxes: bool) -> _Outputs:
+def _outputs(detector: Detector, tr: _Trace, include_boxes: bool, values: str) -> _Outputs:
     ov_true = output_vector(detector, tr.dense_true, include_boxes)
-    o, y = output_softmax(ov_true)
+    o, y = output_softmax(ov_true, values)
     if tr.dense is tr.dense_true:
         return _Outputs(ov_true, o, o, y)
     ov_path = output_vector(detector, tr.dense, include_boxes)
-    return _Outputs(ov_true, ov_path.flat().relu(), o, y)
+    if values == "logits":
+        path = ov_path.raw
+    else:  # exact mode: the sigmoid / softmax's vjp at the plain pass's scores (as the rules' smooth ops)
+        path = _ShadowFn.apply(ov_path.raw, lambda r: score_values(ov_true, r, values), ov_true.raw)
+    return _Outputs(ov_true, path.reshape(path.shape[0], -1).relu(), o, y)
 
 
 def _propagate(tr: _Trace, out: _Outputs, init: torch.Tensor, create_graph: bool, retain: bool) -> torch.Tensor:
@@ -140,7 +146,8 @@ def _combine(tr: _Trace, out: _Outputs, mask: torch.Tensor, variant: str, create
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | NodeSet | None = None, *,
+@torch.enable_grad()  # the maps are gradients: they work inside torch.no_grad() too
+def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | NodeSet | TrackedNodes | None = None, *,
                   rules: LRPRules = LRPRules(), variant: Variant = "paper",
                   create_graph: bool = False) -> RelevanceResult:
     """Multi-Node SGLRP relevance map h(x, T) of any Detector.
@@ -149,8 +156,10 @@ def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | No
         detector: a Detector (its ``dense`` is traced; use it in eval mode).
         x: (B, 3, S, S) float in [0, 1]; with ``create_graph=True`` and ``x.requires_grad`` the map is
             differentiable w.r.t. it.
-        nodes: a :class:`NodeSelection` (default: static top-20 cls nodes), or a fixed :class:`NodeSet`
-            (built on the same layout, e.g. an earlier call's ``result.nodes``).
+        nodes: a :class:`NodeSelection` (default: static top-20 cls nodes), a fixed :class:`NodeSet`
+            (built on the same layout, e.g. an earlier call's ``result.nodes``), or :class:`TrackedNodes`
+            (selected at another input and reused where the candidates are the same boxes, as RAD does
+            at the SI / DI copies of its current image).
         rules: the LRP rules (default: the reference's, :class:`LRPRules`).
         variant: ``"paper"`` (eq. 2) or ``"rad_code"`` (RAD's released code).
         create_graph: keep the graph so that the map can be differentiated w.r.t. x (RAD's loss); runs
@@ -162,13 +171,21 @@ def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | No
         raise ValueError(f"variant must be 'paper' or 'rad_code', got {variant!r}")
     sel = nodes if nodes is not None else NodeSelection()
     if isinstance(sel, NodeSelection):
-        include_boxes = sel.outputs == "all" or sel.node_type != "cls"
+        include_boxes = selection_needs_boxes(sel)
+    elif isinstance(sel, TrackedNodes):
+        include_boxes = sel.include_boxes
     else:
         include_boxes = any(c.startswith("box") for c in sel.layout)
     tr = trace(detector, x, rules, exact=create_graph)
-    out = _outputs(detector, tr, include_boxes)
+    if isinstance(sel, NodeSelection):
+        values = resolve_values(detector, tr.dense_true, sel.values, sel.cls_node)
+    else:
+        values = (sel.nodes if isinstance(sel, TrackedNodes) else sel).values
+    out = _outputs(detector, tr, include_boxes, values)
     ov = out.ov
-    if isinstance(sel, NodeSet):
+    if isinstance(sel, TrackedNodes):
+        node_set = sel.resolve(detector, tr.dense_true, ov)
+    elif isinstance(sel, NodeSet):
         if tuple(sel.layout) != ov.columns or tuple(sel.mask.shape) != (ov.raw.shape[0], ov.raw.shape[1] * ov.width):
             raise ValueError("the given NodeSet was built for another output layout")
         node_set = sel
@@ -178,33 +195,39 @@ def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | No
     return _result(pc, node_set, tr)
 
 
+@torch.enable_grad()  # the maps are gradients: they work inside torch.no_grad() too
 def sglrp_map(detector: Detector, x: torch.Tensor, target: int | torch.Tensor, *,
-              rules: LRPRules = LRPRules(), include_boxes: bool = True,
-              create_graph: bool = False) -> RelevanceResult:
+              rules: LRPRules = LRPRules(), include_boxes: bool = True, values: Values = "auto",
+              cls_node: str = "auto", create_graph: bool = False) -> RelevanceResult:
     """Single-node SGLRP (eq. 1) for one output node per image.
 
     ``target``: flat index into the image's output vector (candidate * D + column, see
-    :class:`~advdet.relevance.nodes.OutputVector`), an int for all images or a (B,) tensor.
+    :class:`~advdet.relevance.nodes.OutputVector`), an int for all images or a (B,) tensor. ``values``
+    (and ``cls_node`` for ``"auto"``): what the output vector holds (:func:`resolve_values`).
     """
     tr = trace(detector, x, rules, exact=create_graph)
-    out = _outputs(detector, tr, include_boxes)
+    values = resolve_values(detector, tr.dense_true, values, cls_node)
+    out = _outputs(detector, tr, include_boxes, values)
     ov = out.ov
     b, d = ov.raw.shape[0], ov.width
     t = torch.as_tensor(target, device=ov.raw.device).long().reshape(-1).expand(b).clone()
-    nodes = NodeSet.from_nodes([t[i:i + 1] // d for i in range(b)], [t[i:i + 1] % d for i in range(b)], ov)
+    nodes = NodeSet.from_nodes([t[i:i + 1] // d for i in range(b)], [t[i:i + 1] % d for i in range(b)], ov,
+                               values)
     pc = _propagate(tr, out, sglrp_init(out.y, t), create_graph, retain=False)
     return _result(pc, nodes, tr)
 
 
+@torch.enable_grad()  # the maps are gradients: they work inside torch.no_grad() too
 def box_relevance_maps(detector: Detector, x: torch.Tensor, candidates: list[torch.Tensor] | torch.Tensor, *,
                        node_type: str = "cls", cls_node: str = "auto", outputs: str = "all",
-                       rules: LRPRules = LRPRules(),
+                       values: Values = "auto", rules: LRPRules = LRPRules(),
                        variant: Variant = "paper") -> tuple[list[RelevanceResult], DenseOutput]:
     """SGLRP maps of single boxes: for each column j of ``candidates`` ((B, k), or per-image index tensors
     of equal length k), the map of T = the nodes of candidate j (one cls node: eq. 1 exactly). One traced
     forward pass, k backward passes. Returns the k results and the dense output."""
     tr = trace(detector, x, rules)
-    out = _outputs(detector, tr, outputs == "all" or node_type != "cls")
+    values = resolve_values(detector, tr.dense_true, values, cls_node)
+    out = _outputs(detector, tr, outputs == "all" or node_type != "cls", values)
     ov = out.ov
     if isinstance(candidates, torch.Tensor):
         candidates = list(candidates.reshape(candidates.shape[0], -1))
@@ -221,7 +244,7 @@ def box_relevance_maps(detector: Detector, x: torch.Tensor, candidates: list[tor
             cc, kk = node_columns(detector, tr.dense_true, ov, cj, label[b][cj], node_type, cls_node)
             cands.append(cc)
             cols.append(kk)
-        ns = NodeSet.from_nodes(cands, cols, ov)
+        ns = NodeSet.from_nodes(cands, cols, ov, values)
         pc = _combine(tr, out, ns.mask, variant, False, retain=j < k - 1)
         results.append(_result(pc, ns, tr))
     return results, tr.dense_true.detach()

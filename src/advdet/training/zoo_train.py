@@ -13,7 +13,7 @@ from advdet import __version__
 from advdet.data.registry import build_dataset
 from advdet.data.shapes import advdet_home
 from advdet.models.evaluate import evaluate_detector
-from advdet.models.weights import save_weights
+from advdet.models.weights import CheckpointError, save_weights
 from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, zoo_entry
 from advdet.training.standard import TrainConfig, train_detector
 from advdet.training.tensor_cache import TensorCache
@@ -26,19 +26,42 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
                     threads: int | None = None) -> dict:
     """Train zoo entry ``name`` with its recipe (fields in ``overrides`` replace the recipe's).
 
-    Checkpoints go to ``run_dir`` (default $ADVDET_HOME/runs/NAME, outside the work tree so a later
-    session can ``resume``); when training finishes the weights and card are
-    written to ``out_dir`` (default: the package's zoo_weights folder). Returns the card.
+    Robust entries (``entry.method`` != "standard") start from the zoo's ``entry.init`` weights (a clear
+    ``CheckpointError`` when they are missing) and train with their method; their recipe mixes
+    ``TrainConfig`` and ``MethodConfig`` fields. Checkpoints go to ``run_dir`` (default
+    $ADVDET_HOME/runs/NAME, outside the work tree so a later session can ``resume``); when training
+    finishes the weights and card are written to ``out_dir`` (default: the package's zoo_weights
+    folder). Returns the card.
     """
     if threads:
         torch.set_num_threads(threads)
     entry = zoo_entry(name)
-    cfg = TrainConfig(**{**entry.recipe, **(overrides or {})})
+    method_cfg = None
+    if entry.method == "standard" and not entry.init:
+        cfg = TrainConfig(**{**entry.recipe, **(overrides or {})})
+    else:
+        from advdet.training.methods import split_recipe
+
+        cfg, method_cfg = split_recipe({**entry.recipe, **(overrides or {})})
     run_dir = Path(run_dir or advdet_home() / "runs" / name)
+    if entry.init:  # robust models fine-tune the zoo's clean model: fail early and clearly without it
+        init_entry = zoo_entry(entry.init)
+        if not init_entry.trained:
+            raise CheckpointError(f"{init_entry.weights_path}: {name!r} starts from the zoo's {entry.init!r} "
+                                  f"weights, which are missing; train them first with "
+                                  f"`advdet zoo train {entry.init}`")
     train_ds = build_dataset("shapes-train", size=ZOO_INPUT_SIZE)
     cache = TensorCache.from_dataset(train_ds, with_masks=entry.with_masks)
-    model = entry.builder()
-    summary = train_detector(model, cache, cfg, run_dir, resume=resume, with_masks=entry.with_masks)
+    if method_cfg is None:
+        model = entry.builder()
+        step_fn = None
+    else:
+        from advdet.training.methods import build_step_fn, prepare_model
+
+        model = prepare_model(entry.method, name, entry.init, seed=cfg.seed, cfg=method_cfg)
+        step_fn = build_step_fn(entry.method, method_cfg)
+    summary = train_detector(model, cache, cfg, run_dir, resume=resume, with_masks=entry.with_masks,
+                             step_fn=step_fn)
     if not summary["finished"]:
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
@@ -61,4 +84,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
         "advdet_version": __version__,
     }
+    if method_cfg is not None:
+        card.update(method=entry.method, init=entry.init,
+                    method_config=step_fn.config() if step_fn is not None else method_cfg.as_dict())
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card)

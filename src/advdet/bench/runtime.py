@@ -1,0 +1,41 @@
+"""Small helpers that every bench job shares: which device a run uses, and attack settings as JSON.
+
+Kept in one place so that the transfer, robustness, crafting and analysis jobs pick devices and write
+settings the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["resolve_device", "jsonable"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` made JSON-safe for cards and result files (attack hyper-parameters and the like).
+
+    Keys become strings, tuples lists, non-finite floats their text (``"nan"``, ``"inf"``), dataclasses a
+    dict with their ``type``, and any other object its ``repr``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(x) for x in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(x) for k, x in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__,
+                **{f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    return repr(value)

@@ -1,0 +1,115 @@
+"""`advdet analyze loss-change | entanglement | confidence`: the analyses of RobustDet section 3.2 (Fig. 3,
+Fig. 4) and the confidence distribution of Fig. 7c; each writes NAME.png and NAME.json into --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.table import Table
+
+from advdet.cli.app import analyze_app, console, resolve_device
+
+_MODEL = typer.Option(..., help="Zoo name (e.g. ssd_vgg-mtd, robustdet) or torchvision:BUILDER.")
+_WEIGHTS = typer.Option(None, help="Weights file (default: the zoo's shipped weights).")
+_DATA = typer.Option("shapes-val", help="shapes-val, a COCO-format folder (with --ann) or a VOC folder.")
+_ANN = typer.Option(None, help="COCO instances JSON for an images folder.")
+_LIMIT = typer.Option(16, help="Use the first N images.")
+_BATCH = typer.Option(4, help="Images per batch (loss-change: the probe and measured batch size).")
+_EPS = typer.Option(8.0, help="Linf budget of the attack, 0-255 units (step = eps).")
+_STEPS = typer.Option(None, help="Attack iterations (default: the attack's, 20 for PGD/MTD).")
+_SEED = typer.Option(0, help="Attack seed.")
+_OUT = typer.Option(..., help="Output folder for NAME.png and NAME.json.")
+_DEVICE = typer.Option(None, help="cuda or cpu (default: cuda when present).")
+_UNTRAINED = typer.Option(False, help="Allow a model without trained weights (random init).")
+
+
+def _run(fn: Callable, **kw) -> dict:
+    from advdet.bench.robustness import UntrainedModelError
+    from advdet.data.errors import DatasetError
+    from advdet.models.weights import CheckpointError
+
+    try:
+        return fn(**kw)
+    except (UntrainedModelError, CheckpointError, DatasetError, KeyError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
+        raise typer.Exit(2) from None
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:+.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_result(res: dict, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The result table (first column left-aligned, the others right) and where the files went."""
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="right" if i else "left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {res['png']} and {res['json']}")
+
+
+@analyze_app.command("loss-change")
+def loss_change_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+                    ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
+                    attack: str = typer.Option("mtd", help="Attack crafting the adversarial images."),
+                    eps: float = _EPS, steps: Optional[int] = _STEPS,
+                    lr: float = typer.Option(1e-3, help="SGD learning rate of the probe step."),
+                    probe_steps: int = typer.Option(1, help="SGD steps of the probe update (the paper's m)."),
+                    bins: int = typer.Option(30, help="Histogram bins."), seed: int = _SEED, out: Path = _OUT,
+                    device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+    """Fig. 3: per-image loss change on one batch after an SGD step on another batch (clean or adversarial)."""
+    from advdet.bench.analyses import run_loss_change
+
+    res = _run(run_loss_change, model=model, data=data, out_dir=out, weights=weights, ann=ann, limit=limit,
+               batch_size=batch_size, attack=attack, eps=eps, steps=steps, lr=lr, probe_steps=probe_steps,
+               bins=bins, seed=seed, device=resolve_device(device), allow_untrained=allow_untrained)
+    _print_result(res, f"{model}: loss change ({res['images']} images, {attack} eps {eps:g}, lr {lr:g})",
+                  ("pair", "mean", "median", "> 0"),
+                  [(p.replace("->", " → "), _fmt(d["mean"]), _fmt(d["median"]),
+                    "-" if d["frac_positive"] is None else f"{100 * d['frac_positive']:.0f}%")
+                   for p, d in res["pairs"].items()])
+
+
+@analyze_app.command("entanglement")
+def entanglement_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+                     ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
+                     attack: str = typer.Option("mtd", help="Attack crafting the adversarial images."),
+                     eps: float = _EPS, steps: Optional[int] = _STEPS, seed: int = _SEED, out: Path = _OUT,
+                     device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+    """Fig. 4: per-layer gradient entanglement R = g_clean . g_adv / |g_adv|^2."""
+    from advdet.bench.analyses import run_entanglement
+
+    res = _run(run_entanglement, model=model, data=data, out_dir=out, weights=weights, ann=ann, limit=limit,
+               batch_size=batch_size, attack=attack, eps=eps, steps=steps, seed=seed, device=resolve_device(device),
+               allow_untrained=allow_untrained)
+    _print_result(res, f"{model}: gradient entanglement R per layer ({res['images']} images, {attack} eps {eps:g})",
+                  ("layer", "params", "R (summed)", "R median"),
+                  [(name, str(n), _fmt(r), _fmt(med))
+                   for name, n, r, med in zip(res["layers"], res["num_params"], res["r_dataset"], res["r_median"])])
+
+
+@analyze_app.command("confidence")
+def confidence_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+                   ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
+                   attacks: str = typer.Option("cls,loc", help="Comma list of attacks besides clean."),
+                   eps: float = _EPS, steps: Optional[int] = _STEPS,
+                   thresh: float = typer.Option(0.3, help="Keep detections with confidence >= this (paper: 0.3)."),
+                   bins: int = typer.Option(14, help="Histogram bins between thresh and 1."), seed: int = _SEED,
+                   out: Path = _OUT, device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+    """Fig. 7c: distribution of detection confidences on clean, A_cls and A_loc images."""
+    from advdet.bench.analyses import run_confidence
+    from advdet.bench.robustness import attack_label
+
+    attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    res = _run(run_confidence, model=model, data=data, out_dir=out, weights=weights, ann=ann, limit=limit,
+               batch_size=batch_size, attacks=attack_list, eps=eps, steps=steps, thresh=thresh, bins=bins, seed=seed,
+               device=resolve_device(device), allow_untrained=allow_untrained)
+    _print_result(res, f"{model}: detection confidences >= {thresh:g} ({res['images']} images)",
+                  ("condition", "detections", "mean", "median"),
+                  [(attack_label(k), str(d["n"]), "-" if d["mean"] is None else f"{d['mean']:.3f}",
+                    "-" if d["median"] is None else f"{d['median']:.3f}")
+                   for k, d in res["conditions"].items()])

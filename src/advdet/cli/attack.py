@@ -1,0 +1,150 @@
+"""`advdet attack`: craft an adversarial COCO-format dataset with one attack on one surrogate model;
+`advdet attack --list`: the registered attacks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advdet.cli.app import app, console, parse_overrides
+
+err_console = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+#: errors that are the user's input (bad name, path, file, option): printed without a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (KeyError, ValueError, TypeError, FileNotFoundError)
+
+
+def fail(err: BaseException) -> None:
+    """Print a user error on stderr and exit with status 2."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def print_attack_list() -> None:
+    from advdet.attacks.registry import CLASSIFIER_ATTACKS
+    from advdet.bench.craft import load_attack_registry
+
+    table = Table(title="advdet attacks (advdet attack --attack NAME)")
+    table.add_column("name", style="bold")
+    table.add_column("surrogate")
+    table.add_column("description")
+    for name, cls in load_attack_registry().items():
+        table.add_row(name, "classifier" if name in CLASSIFIER_ATTACKS else "detector", cls.description)
+    console.print(table)
+
+
+def print_card_summary(card: dict, out: Path, title: str | None = None) -> None:
+    """One table: images, skipped, RMSE, Linf, time and where the output is."""
+    run = card.get("run", {})
+    table = Table(title=title or f"{card['attack']['name']} on {card['surrogate']['name']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+
+    def f(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    eps = card["attack"].get("eps")
+    table.add_row("images", str(card["images"]))
+    table.add_row("skipped", str(card["num_skipped"]))
+    table.add_row("eps (0-255)", f(eps, "{:g}"))
+    table.add_row("RMSE mean / max", f"{f(card['rmse_mean'])} / {f(card['rmse_max'])}")
+    table.add_row("Linf max", f(card["linf_max"], "{:g}"))
+    table.add_row("targets", str(card.get("targets")))
+    table.add_row("time (s)", f(run.get("seconds"), "{:.1f}"))
+    table.add_row("images/s", f(run.get("images_per_s"), "{:.3g}"))
+    console.print(table)
+    console.print(f"output: {out}", soft_wrap=True, highlight=False)
+    for s in card.get("skipped", [])[:10]:
+        console.print(f"  skipped {s['item']}: {s['problem']}", highlight=False)
+    if card["num_skipped"] > 10:
+        console.print(f"  ... and {card['num_skipped'] - 10} more (see card.json)")
+
+
+def print_evaluation(evaluation: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("victim", "images", "clean mAP", "adv mAP", "clean mAP50", "adv mAP50", "segm clean", "segm adv"):
+        table.add_column(col, justify="left" if col == "victim" else "right")
+    for name, ev in evaluation.items():
+        c, a = ev["clean"], ev["adversarial"]
+        seg = ("-", "-") if "segm_map" not in c else (f"{c['segm_map']:.3f}", f"{a['segm_map']:.3f}")
+        table.add_row(name + (" (white-box)" if ev.get("white_box") else ""), str(ev["images"]),
+                      f"{c['map']:.3f}", f"{a['map']:.3f}", f"{c['map50']:.3f}", f"{a['map50']:.3f}", *seg)
+    console.print(table)
+
+
+@app.command("attack")
+def attack_cmd(
+        attack: Optional[str] = typer.Option(None, "--attack", help="Attack name (see --list)."),
+        model: Optional[str] = typer.Option(None, help="Surrogate: zoo name or torchvision:BUILDER "
+                                            "(default for classifier attacks: classifier)."),
+        data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder (with --ann)."),
+        out: Optional[Path] = typer.Option(None, help="Output folder (COCO format: images/, instances.json, "
+                                           "card.json)."),
+        ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
+        weights: Optional[Path] = typer.Option(None, help="Surrogate weights file (default: the zoo's)."),
+        eps: Optional[float] = typer.Option(None, help="Linf budget, 0-255 units (default: the attack's)."),
+        step: Optional[float] = typer.Option(None, help="Step size, 0-255 units (default: the attack's)."),
+        steps: Optional[int] = typer.Option(None, help="Iterations (default: the attack's)."),
+        limit: Optional[int] = typer.Option(None, help="Attack the first N images only."),
+        batch_size: int = typer.Option(8, help="Images per attack call (part of the job: fixes batches and seeds)."),
+        seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
+        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
+        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        set_: list[str] = typer.Option([], "--set", help="Other attack hyper-parameters, KEY=VALUE (JSON values)."),
+        labels: bool = typer.Option(True, help="Attack with the ground-truth boxes (loss-based attacks); "
+                                    "--no-labels: with the surrogate's clean predictions."),
+        evaluate: bool = typer.Option(False, help="Also report the surrogate's clean vs adversarial mAP."),
+        workers: int = typer.Option(0, help="DataLoader workers decoding images."),
+        size: Optional[int] = typer.Option(None, help="Letterbox size of a torchvision:BUILDER surrogate "
+                                           "(default: the builder's own)."),
+        list_: bool = typer.Option(False, "--list", help="List the registered attacks and exit."),
+        untrained: bool = typer.Option(False, hidden=True, help="Untrained surrogate (tests)."),
+) -> None:
+    """Attack every image of a dataset and write the adversarial dataset in COCO format (resumable)."""
+    if list_:
+        print_attack_list()
+        return
+    if not attack or out is None:
+        fail(ValueError("--attack and --out are required (or --list)"))
+    from advdet.attacks.registry import CLASSIFIER_ATTACKS
+    from advdet.bench.craft import craft_dataset, init_distributed, load_attack_registry, shutdown_distributed
+
+    registry = load_attack_registry()
+    if attack not in registry:
+        fail(KeyError(f"unknown attack {attack!r}; known: {', '.join(registry)} (see advdet attack --list)"))
+    if model is None:
+        if attack not in CLASSIFIER_ATTACKS:
+            fail(ValueError(f"--model is required for the detector attack {attack!r}"))
+        model = "classifier"
+    try:
+        kw = parse_overrides(set_)
+        rank, world, dev = init_distributed(device)
+        card = craft_dataset(attack, model, data, out, ann=ann, weights=weights, eps=eps, step=step, steps=steps,
+                             attack_kwargs=kw, limit=limit, batch_size=batch_size, seed=seed, skip_bad=skip_bad,
+                             device=dev, pretrained=not untrained, labels=labels, workers=workers,
+                             input_size=size)
+        if rank != 0:
+            return
+        print_card_summary(card, out)
+        if evaluate:
+            if card["surrogate"]["kind"] != "detector":
+                console.print("--evaluate: the surrogate is a classifier; no detection mAP to report")
+            else:
+                from advdet.bench.aoco import evaluate_split
+
+                ev = evaluate_split(out, [(model, str(weights) if weights else None)], batch_size=batch_size,
+                                    device=str(dev) if dev else None, pretrained=not untrained)
+                print_evaluation(ev, f"{model}: clean vs adversarial (white-box)")
+    except typer.Exit:
+        raise
+    except USER_ERRORS as err:
+        fail(err)
+    finally:
+        shutdown_distributed()

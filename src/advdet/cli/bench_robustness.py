@@ -1,0 +1,120 @@
+"""`advdet bench robustness`: the RobustDet Table 1 benchmark (and the PGD-steps sweep of Fig. 7a/b)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from advdet.cli.app import bench_app, console, resolve_device
+
+
+def split_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter(f"empty {what} list")
+    return items
+
+
+def parse_weights(items: list[str], models: list[str]) -> dict[str, str]:
+    """``--weights NAME=PATH`` (repeatable), or a bare PATH when only one model is benchmarked."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" in item:
+            name, path = item.split("=", 1)
+        elif len(models) == 1:
+            name, path = models[0], item
+        else:
+            raise typer.BadParameter(f"--weights {item!r}: with several models use NAME=PATH")
+        if name not in models:
+            raise typer.BadParameter(f"--weights {item!r}: {name!r} is not one of --models {','.join(models)}")
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"--weights {item!r}: {path}: file not found")
+        out[name] = path
+    return out
+
+
+def parse_steps(value: Optional[str]) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        steps = [int(v) for v in split_list(value, "steps")]
+    except ValueError:
+        raise typer.BadParameter(f"--steps {value!r}: expected an integer or a comma list of integers") from None
+    if any(s < 1 for s in steps):
+        raise typer.BadParameter(f"--steps {value!r}: step counts must be >= 1")
+    return steps
+
+
+@bench_app.command("robustness")
+def robustness_cmd(
+        models: str = typer.Option(..., help="Comma list of zoo names (first = baseline), e.g. "
+                                             "ssd_vgg,ssd_vgg-mtd,robustdet."),
+        attacks: str = typer.Option("clean,cls,loc,cwa,dag", help="Comma list of columns: clean, cls (A_cls), "
+                                    "loc (A_loc), cwa, dag (RobustDet's DAG) or any registered detector attack."),
+        data: str = typer.Option("shapes-val", help="shapes-val, a COCO-format folder (with --ann) or a VOC folder."),
+        ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
+        metric: str = typer.Option("auto", help="voc07 (VOC07 11-point AP50), coco50 (COCO AP50), or auto "
+                                                "(voc07 for VOC folders, coco50 otherwise)."),
+        limit: Optional[int] = typer.Option(None, help="Evaluate the first N images only."),
+        eps: float = typer.Option(8.0, help="Linf budget of the PGD-family attacks, 0-255 units (step = eps)."),
+        steps: Optional[str] = typer.Option(None, help="Attack iterations (default PGD 20, DAG 150); a comma "
+                                                       "list (e.g. 1,5,10,20) runs the steps sweep of Fig. 7."),
+        batch_size: int = typer.Option(8, help="Images per batch."),
+        seed: int = typer.Option(0, help="Attack seed."),
+        weights: list[str] = typer.Option([], help="NAME=PATH weights for a model (repeatable); a bare PATH "
+                                                   "with a single model."),
+        allow_untrained: bool = typer.Option(False, help="Benchmark models without trained weights (random init)."),
+        voc_split: str = typer.Option("test", help="Split file of a VOC folder (ImageSets/Main/SPLIT.txt)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+        report: Optional[Path] = typer.Option(None, help="Write report.md and index.html into this folder."),
+        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
+    """White-box robustness of detectors, laid out like RobustDet Table 1 (mAP50 per model and attack)."""
+    from advdet.bench.robustness import (UntrainedModelError, attack_label, robustness_report,
+                                         robustness_steps_sweep, robustness_table, sweep_rows, table_rows)
+    from advdet.data.errors import DatasetError
+    from advdet.data.io import atomic_write_json
+    from advdet.models.weights import CheckpointError
+
+    model_list = split_list(models, "models")
+    attack_list = split_list(attacks, "attacks")
+    step_list = parse_steps(steps)
+    kw = dict(data=data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps, seed=seed,
+              device=resolve_device(device), weights=parse_weights(weights, model_list),
+              allow_untrained=allow_untrained, voc_split=voc_split, skip_bad=skip_bad)
+    sweep = step_list is not None and len(step_list) > 1
+    try:
+        if sweep:
+            result = robustness_steps_sweep(model_list, attack_list, steps=step_list, **kw)
+        else:
+            result = robustness_table(model_list, attack_list, steps=step_list[0] if step_list else None, **kw)
+    except (UntrainedModelError, CheckpointError, DatasetError, KeyError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
+        raise typer.Exit(2) from None
+
+    metric_name = "VOC07 mAP50" if result["metric"] == "voc07" else "COCO AP50"
+    if sweep:
+        for a in result["attacks"]:
+            cols, rows = sweep_rows(result, a)
+            _print_table(f"{attack_label(a)}: {metric_name} (%) against attack steps, eps {eps:g} "
+                         f"({result['images']} images of {data})", cols, rows)
+    else:
+        cols, rows = table_rows(result)
+        _print_table(f"{metric_name} (%) under white-box attacks ({result['images']} images of {data})", cols, rows)
+    if json_out:
+        atomic_write_json(json_out, result, indent=2)
+    if report:
+        path = robustness_report(result).write(report)
+        console.print(f"report: {path}")
+
+
+def _print_table(title: str, cols: list[str], rows: list[list]) -> None:
+    table = Table(title=title)
+    for i, c in enumerate(cols):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*["-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v)) for v in r])
+    console.print(table)

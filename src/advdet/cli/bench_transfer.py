@@ -1,0 +1,185 @@
+"""`advdet bench transfer`: the transfer table of RAD section 4 (Table 3 layout), sweeps, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advdet.cli.app import bench_app, console, parse_overrides, resolve_device
+
+DEFAULT_ATTACKS = "cls-pgd,dag-eps,dfool,loc,rad"
+
+
+def _split(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def parse_eps(text: str) -> float | list[float]:
+    """``16`` -> 16.0; ``4,8,12,16`` -> [4.0, 8.0, 12.0, 16.0] (the eps sweep)."""
+    try:
+        vals = [float(v) for v in _split(text)]
+    except ValueError:
+        raise typer.BadParameter(f"--eps expects a number or a comma list of numbers, got {text!r}") from None
+    if not vals:
+        raise typer.BadParameter("--eps is empty")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def parse_attack_settings(items: list[str]) -> dict[str, dict]:
+    """``rad.steps=5`` -> {"rad": {"steps": 5}} (values parsed as JSON when they are JSON)."""
+    out: dict[str, dict] = {}
+    for key, val in parse_overrides(items).items():
+        attack, dot, param = key.partition(".")
+        if not dot or not attack or not param:
+            raise typer.BadParameter(f"--set expects ATTACK.PARAM=VALUE, got {key}={val}")
+        out.setdefault(attack, {})[param] = val
+    return out
+
+
+def parse_weights(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise typer.BadParameter(f"--weights expects MODEL=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def parse_sizes(items: list[str], names: list[str]) -> dict[str, int]:
+    """``416`` -> every torchvision: model in ``names`` at 416; ``torchvision:X=448`` -> that model."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, eq, val = item.rpartition("=")
+        try:
+            s = int(val)
+        except ValueError:
+            raise typer.BadParameter(f"--size expects S or MODEL=S, got {item!r}") from None
+        if eq:
+            out[name] = s
+        else:
+            out.update({n: s for n in names if n.startswith("torchvision:") and n not in out})
+    return out
+
+
+def _fmt(v, scale: float = 100.0) -> str:
+    return "-" if v is None or (isinstance(v, float) and v < 0) else f"{v * scale:.1f}"
+
+
+def print_transfer(result: dict, out: Console | None = None, metric: str = "map") -> None:
+    """Print a transfer result as RAD Table 3 (metric x 100; white-box cells marked ``*``) and the mean
+    black-box failure rates per attack."""
+    out = out or console
+    victims = result["victims"]
+    name = {"map": "box mAP", "map50": "box mAP50", "map75": "box mAP75"}.get(metric, metric)
+    surs = ", ".join(result["surrogates"]) or "-"
+    t = Table(title=f"Transfer {name} x100 on {result['data']} ({result['images']} images, eps {result['eps']}; "
+                    f"surrogate {surs}, classifier attacks on {result['classifier']})")
+    t.add_column("attack")
+    for v in victims:
+        t.add_column(v, justify="right")
+    t.add_column("black-box mean", justify="right", style="bold")
+    t.add_column("RMSE", justify="right")
+    for r in result["rows"]:
+        cells = []
+        for v in victims:
+            s = _fmt(r["metrics"][v].get(metric))
+            if r["white_box"] is not None and r["white_box"]["victim"] == v:
+                s += "*"
+            cells.append(s)
+        bb = r["black_box"].get(metric)
+        t.add_row(r["label"], *cells, _fmt(bb), f"{r['perturbation']['rmse']:.2f}",
+                  end_section=r["label"] == "Ablation")
+    out.print(t)
+    f = Table(title=f"How detections fail (mean over black-box victims, all victims when there is none; "
+                    f"score >= {result['score_thresh']}, "
+                    f"IoU >= {result['iou']}, against each victim's clean predictions)")
+    for c in ("attack", "disappeared %", "misclassified %", "hallucinated / image", "craft s"):
+        f.add_column(c, justify="left" if c == "attack" else "right")
+    for r in result["rows"][1:]:
+        bb = [v for v in r["black_box"]["victims"] if v != r["surrogate"]] or victims
+        vals = {}
+        for k in ("disappearance", "misclassification", "hallucination"):
+            xs = [r["failure"][v][k] for v in bb if r["failure"][v][k] is not None]
+            vals[k] = sum(xs) / len(xs) if xs else None
+        f.add_row(r["label"], _fmt(vals["disappearance"]), _fmt(vals["misclassification"]),
+                  _fmt(vals["hallucination"], 1.0), f"{r['seconds']['craft']:.1f}")
+    out.print(f)
+    for s in result.get("skipped", []):
+        out.print(f"[yellow]skipped:[/] {s}")
+    for s in result.get("notes", []):
+        out.print(f"[dim]note: {s}[/]")
+
+
+@bench_app.command("transfer")
+def bench_transfer(
+        surrogate: str = typer.Option("yolov3", help="Detector(s) that craft the detection attacks, comma list."),
+        attacks: str = typer.Option(DEFAULT_ATTACKS, help="Attack names, comma list (`advdet attack --list`); "
+                                    "Ablation (gaussian) and No Attack rows are always added."),
+        victims: Optional[str] = typer.Option(None, help="Victim models, comma list "
+                                              "(default: every trained zoo detector)."),
+        data: str = typer.Option("shapes-val", help="shapes-val, shapes-train, or a COCO-format images folder."),
+        ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
+        eps: str = typer.Option("16", help="Linf budget in 0-255 units; a comma list is the eps sweep (RAD Fig. 7)."),
+        limit: Optional[int] = typer.Option(None, help="Use the first N images only."),
+        batch_size: int = typer.Option(8, help="Images per attack / forward batch."),
+        seed: int = typer.Option(0, help="Attack seed (batch starting at image i uses seed + i)."),
+        sweep: Optional[str] = typer.Option(None, help="nodes (Table 7), technique (Table 2), node_type (Table 1) "
+                                            "or eps; applies to the attacks that have the parameter (RAD)."),
+        sweep_values: Optional[str] = typer.Option(None, help="Comma list of sweep values (defaults: nodes "
+                                                   "static:10,static:20,static:30,dynamic:-1,dynamic:-2,dynamic:-3; "
+                                                   "technique none,DI,TI,SI,MI; node_type size,loc,cls)."),
+        classifier: str = typer.Option("classifier", help="Surrogate of the classifier attacks (cls-*)."),
+        set_: list[str] = typer.Option([], "--set", help="Attack setting ATTACK.PARAM=VALUE (repeatable), "
+                                       "e.g. --set rad.steps=5 --set loc.step=2."),
+        weights: list[str] = typer.Option([], help="MODEL=PATH weights file (repeatable)."),
+        size: list[str] = typer.Option([], help="Letterbox size of torchvision: models: S (all of them) or "
+                                       "MODEL=S (repeatable); default the builder's. RAD: 416."),
+        allow_untrained: bool = typer.Option(False, help="Use randomly initialised models where no weights exist."),
+        skip_unavailable: bool = typer.Option(False, help="Skip unknown attacks and untrained models with a note."),
+        use_gt: bool = typer.Option(False, help="Give the attacks the ground truth (default: clean predictions)."),
+        metric: str = typer.Option("map", help="Metric of the printed table: map, map50 or map75."),
+        examples: int = typer.Option(2, help="Images shown as grids in the report."),
+        relevance: bool = typer.Option(True, help="Relevance maps before/after in the report's grids."),
+        report: Optional[Path] = typer.Option(None, help="Write report.md, index.html and figures to this folder."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
+        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
+    """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
+    from advdet.bench.demo import trained_detectors
+    from advdet.bench.transfer import ModelUnavailable, json_ready, transfer_matrix, transfer_report
+    from advdet.data.errors import DatasetError
+    from advdet.data.io import atomic_write_json
+    from advdet.models.weights import CheckpointError
+
+    if metric not in ("map", "map50", "map75"):
+        raise typer.BadParameter(f"--metric must be map, map50 or map75, got {metric!r}")
+    eps_v = parse_eps(eps)
+    victim_list = _split(victims) or trained_detectors()
+    if not victim_list:
+        console.print("[red]error:[/] no trained zoo detector to use as victim; pass --victims "
+                      "(and --allow-untrained for random weights)")
+        raise typer.Exit(2)
+    try:
+        result = transfer_matrix(
+            _split(surrogate), _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
+            batch_size=batch_size, seed=seed, device=resolve_device(device),
+            attack_kwargs=parse_attack_settings(set_), weights=parse_weights(weights), sweep=sweep,
+            sizes=parse_sizes(size, _split(surrogate) + victim_list + [classifier]),
+            sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
+            skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,
+            skip_bad=skip_bad, use_gt=use_gt, progress=True)
+    except (ModelUnavailable, KeyError, ValueError, TypeError, DatasetError, CheckpointError) as err:
+        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) and err.args else err}")
+        raise typer.Exit(2) from None
+    print_transfer(result, console, metric)
+    if json_out:
+        atomic_write_json(json_out, json_ready(result), indent=2)
+        console.print(f"JSON: {json_out}")
+    if report:
+        out = transfer_report(result).write(report)
+        console.print(f"report: {out / 'index.html'}")
