@@ -58,6 +58,7 @@ from torch import nn
 
 from advdet.attacks.base import letterbox_mask
 from advdet.attacks.quantize import quantize_adv, to_uint8
+from advdet.attacks.registry import ATTACKS
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
 from advdet.bench.runtime import resolve_device
 from advdet.data.collate import collate_detection
@@ -68,7 +69,7 @@ from advdet.models.evaluate import predictions_to_coco
 
 log = logging.getLogger(__name__)
 
-__all__ = ["transfer_matrix", "load_model", "LoadedModel", "ModelUnavailable", "available_attacks",
+__all__ = ["transfer_matrix", "load_model", "LoadedModel", "ModelUnavailable",
            "RowSpec", "plan_rows", "transforms_for", "reletterbox", "json_ready", "transfer_table",
            "transfer_report", "SWEEPS", "DEFAULT_SWEEP_VALUES", "NO_ATTACK", "ABLATION"]
 
@@ -146,13 +147,6 @@ def load_model(name: str, *, weights: str | None = None, allow_untrained: bool =
                        None if weights is None else str(weights))
 
 
-def available_attacks() -> dict[str, type]:
-    """The attack registry (``advdet.attacks.registry`` registers every attack, RAD included, on import)."""
-    from advdet.attacks.registry import ATTACKS
-
-    return ATTACKS
-
-
 def _is_classifier_attack(name: str) -> bool:
     from advdet.attacks.registry import CLASSIFIER_ATTACKS
 
@@ -221,7 +215,7 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
     """The rows of a transfer table (see the module docstring), in display order: No Attack, Ablation,
     then the attacks in the given order (classifier attacks once; detector attacks once per surrogate),
     each expanded over the sweep values. Unknown attack names raise ``KeyError``."""
-    registry = registry if registry is not None else available_attacks()
+    registry = registry if registry is not None else ATTACKS
     notes = notes if notes is not None else []
     attack_kwargs = dict(attack_kwargs or {})
     eps_list = [float(e) for e in eps] if isinstance(eps, (list, tuple)) else [float(eps)]
@@ -376,7 +370,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     sizes = dict(sizes or {})
     skipped: list[str] = []
     notes: list[str] = []
-    registry = available_attacks()
+    registry = ATTACKS
 
     def say(msg: str) -> None:
         log.info(msg)
