@@ -314,7 +314,10 @@ def test_cli_bench_transfer_end_to_end(tiny_data, tmp_path):
         assert word in r.output
     res = json.loads(out_json.read_text())
     assert [row["label"] for row in res["rows"]] == [NO_ATTACK, ABLATION, "dfool", "cls-pgd"]
-    assert res["models"]["yolov3"]["trained"] is False and res["images"] == 2
+    from advdet.models.zoo import zoo_entry
+
+    assert res["models"]["yolov3"]["trained"] is zoo_entry("yolov3").trained and res["images"] == 2
+    assert res["models"]["classifier"]["trained"] is zoo_entry("classifier").trained
     assert res["rows"][2]["settings"] == {"steps": 1, "eps": 16.0}
     assert {"index.html", "report.md", "fig_attack_x_victim_heat_map.png"} <= {p.name for p in rep.iterdir()}
     # without --allow-untrained an untrained model is an error with a clear message, exit code 2
