@@ -194,14 +194,7 @@ class DAGEps(DAG):
     description = "DAG with RAD's eps-bounded update (eq. 5): eps 16, step 2, 10 steps"
 
     def __init__(self, model, *, eps: float | None = 16.0, step: float = 2.0, steps: int = 10,
-                 update: str = "mean_abs", num_candidates: int = 3000, iou_thresh: float = 0.1,
-                 prob_thresh: float = 0.1, early_stop: bool = True, strong: bool = False,
-                 strong_nms: float = 0.35, strong_score: float = 0.8, rpn_nms: float | None = 0.9,
-                 random_start: bool = False, valid_only: bool = False,
-                 transforms: Sequence[GradientTransform] = (), seed: int = 0, device=None,
-                 pseudo_thresh: float = 0.5, pseudo_min_k: int = 1):
-        super().__init__(model, steps=steps, gamma=step, eps=eps, update=update, num_candidates=num_candidates,
-                         iou_thresh=iou_thresh, prob_thresh=prob_thresh, early_stop=early_stop, strong=strong,
-                         strong_nms=strong_nms, strong_score=strong_score, rpn_nms=rpn_nms,
-                         random_start=random_start, valid_only=valid_only, transforms=transforms, seed=seed,
-                         device=device, pseudo_thresh=pseudo_thresh, pseudo_min_k=pseudo_min_k)
+                 update: str = "mean_abs", **kw):
+        """RAD's settings (eps 16, step 2 as DAG's gamma, 10 steps, eq. 5 update); every other keyword is
+        :class:`DAG`'s, with its defaults."""
+        super().__init__(model, steps=steps, gamma=step, eps=eps, update=update, **kw)
