@@ -92,23 +92,16 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device | None]:
-    """Initialise ``torch.distributed`` from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) when ``WORLD_SIZE > 1``: NCCL on CUDA (device
-    ``cuda:LOCAL_RANK``), gloo on CPU. Returns (rank, world size, device or None = the default)."""
-    import torch.distributed as dist
+    """Initialise ``torch.distributed`` from torchrun's environment when ``WORLD_SIZE > 1`` (through
+    :func:`advdet.training.distributed.init_distributed`: NCCL on ``cuda:LOCAL_RANK``, gloo on CPU; a
+    6-hour collective timeout, since ranks of a long crafting job can finish far apart).
+    Returns (rank, world size, device or None = the default)."""
+    from advdet.training.distributed import init_distributed as init_process_group
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not dist.is_available():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None if device is None else torch.device(device)
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    dev = None if device is None else torch.device(device)
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=6))
-    return dist.get_rank(), dist.get_world_size(), dev if dev is not None else torch.device("cpu")
+    ctx = init_process_group(device, timeout=timedelta(hours=6))
+    return ctx.rank, ctx.world_size, ctx.device
 
 
 def shutdown_distributed() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -93,11 +94,13 @@ class DistContext:
                    find_unused_parameters=find_unused_parameters)
 
 
-def init_distributed(device: str | torch.device | None = None) -> DistContext:
+def init_distributed(device: str | torch.device | None = None, *,
+                     timeout: timedelta | None = None) -> DistContext:
     """The process group from torchrun's environment variables, or a single-process context.
 
     ``device``: ``None`` picks ``cuda:LOCAL_RANK`` when CUDA is present, else CPU; ``"cuda"`` means
-    ``cuda:LOCAL_RANK``; ``"cpu"`` forces CPU (and gloo).
+    ``cuda:LOCAL_RANK``; ``"cpu"`` forces CPU (and gloo). ``timeout``: the collectives' timeout
+    (torch's default when None; long jobs whose ranks finish far apart need more).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,7 +117,8 @@ def init_distributed(device: str | torch.device | None = None) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, init_method="env://")
+        tdist.init_process_group(backend=backend, init_method="env://",
+                                 **({} if timeout is None else {"timeout": timeout}))
     log.info("rank %d of %d (local %d) on %s, backend %s", rank, world, local, dev, backend)
     return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
 
