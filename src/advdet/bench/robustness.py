@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from advdet.attacks.base import Attack
 from advdet.attacks.dag_robustdet import RobustDetDAG
 from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
+from advdet.bench.loading import UntrainedModelError, load_detector
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.collate import collate_detection
 from advdet.data.letterbox import unletterbox_boxes
@@ -74,57 +75,6 @@ def attack_label(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ models and data
-class UntrainedModelError(ValueError):
-    """A model without trained weights was asked for; the message says how to give or allow it."""
-
-
-def load_detector(name: str, *, weights: str | os.PathLike | None = None,
-                  allow_untrained: bool = False) -> tuple[Detector, str]:
-    """A zoo (or ``torchvision:BUILDER``) detector by name, and where its weights came from.
-
-    ``weights`` (a file) overrides the shipped weights. Without it, the zoo's shipped weights are used;
-    a model that has none (or a torchvision builder without a weights file) raises
-    ``UntrainedModelError`` unless ``allow_untrained`` (then it runs with its random initialisation).
-    Returns (detector in eval mode, origin) with origin the weights path or ``"untrained"``.
-    """
-    from advdet.models.weights import CheckpointError
-    from advdet.models.zoo import build_model, zoo_entry
-
-    how = (f"pass a weights file (weights={{{name!r}: PATH}}, CLI --weights {name}=PATH) or allow random "
-           "weights explicitly (allow_untrained=True, CLI --allow-untrained)")
-    if not name.startswith("torchvision:"):
-        entry = zoo_entry(name)
-        if entry.kind != "detector":
-            raise ValueError(f"{name!r} is a zoo {entry.kind}, not a detector; the robustness benchmark "
-                             "needs detectors")
-    if weights is not None:
-        model = build_model(name, weights=weights)
-        origin = str(weights)
-    elif name.startswith("torchvision:"):
-        if not allow_untrained:
-            raise UntrainedModelError(f"{name}: a torchvision builder without a weights file has random "
-                                      f"weights; {how}")
-        model, origin = build_model(name), "untrained"
-    else:
-        try:
-            model = build_model(name)
-            origin = str(zoo_entry(name).weights_path)
-        except CheckpointError as err:
-            if not zoo_entry(name).trained and allow_untrained:
-                log.warning("%s: no trained weights, benchmarking its random initialisation", name)
-                model, origin = build_model(name, pretrained=False), "untrained"
-            elif not zoo_entry(name).trained:
-                raise UntrainedModelError(f"zoo model {name!r} has no trained weights "
-                                          f"({zoo_entry(name).weights_path} is missing; train them with "
-                                          f"`advdet zoo train {name}`); {how}") from None
-            else:
-                raise err
-    if not isinstance(model, Detector):
-        raise TypeError(f"{name}: built a {type(model).__name__}, not a Detector")
-    model.eval()
-    return model, origin
-
-
 def _voc_root(path: Path) -> Path | None:
     for root in (path, path / "VOC2007"):
         if (root / "ImageSets" / "Main").is_dir() and (root / "Annotations").is_dir():

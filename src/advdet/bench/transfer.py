@@ -60,6 +60,7 @@ from advdet.attacks.base import letterbox_mask
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
+from advdet.bench.loading import LoadedModel, UntrainedModelError, load_model
 from advdet.bench.runtime import resolve_device
 from advdet.data.collate import collate_detection
 from advdet.data.letterbox import LetterboxParams, letterbox_params, unletterbox_boxes
@@ -85,66 +86,8 @@ DEFAULT_SWEEP_VALUES: dict[str, list] = {
 _SWEEP_PARAM = {"eps": "eps", "nodes": "nodes", "technique": "transforms", "node_type": "node_type"}
 
 
-class ModelUnavailable(RuntimeError):
-    """A model asked for cannot be built as asked (no trained weights and untrained models not allowed)."""
-
-
-# ------------------------------------------------------------------------------------------------- models
-@dataclass
-class LoadedModel:
-    name: str
-    model: nn.Module
-    kind: str               # "detector" | "classifier"
-    input_size: int
-    has_masks: bool
-    trained: bool
-    weights: str | None
-
-    def info(self) -> dict:
-        return {"kind": self.kind, "input_size": self.input_size, "has_masks": self.has_masks,
-                "trained": self.trained, "weights": self.weights}
-
-
-def load_model(name: str, *, weights: str | None = None, allow_untrained: bool = False,
-               device: torch.device | str | None = None, model: nn.Module | None = None,
-               input_size: int | None = None) -> LoadedModel:
-    """Build a zoo / ``torchvision:`` model for the benchmark, in eval mode on ``device``.
-
-    A zoo model without shipped weights (or a torchvision model without ``weights``) raises
-    ``ModelUnavailable`` unless ``allow_untrained`` (then it is randomly initialised, and marked
-    ``trained=False``). ``model``: use this already built module under ``name`` (tests, custom models).
-    ``input_size``: letterbox size of a ``torchvision:`` model (default: the builder's; zoo models are
-    fixed at 256).
-    """
-    from advdet.models.zoo import build_model, zoo_entry
-
-    trained = True
-    if model is None:
-        if name.startswith("torchvision:"):
-            trained = weights is not None
-        else:
-            entry = zoo_entry(name)
-            trained = weights is not None or entry.trained
-        if not trained and not allow_untrained:
-            hint = (f"train it with `advdet zoo train {name}`" if not name.startswith("torchvision:")
-                    else "pass its weights file")
-            raise ModelUnavailable(f"model {name!r} has no trained weights; {hint}, or allow untrained models")
-        if input_size is not None and not name.startswith("torchvision:"):
-            raise ValueError(f"model {name!r}: only torchvision: models take an input size (zoo models: 256)")
-        model = build_model(name, weights=weights, pretrained=trained, input_size=input_size)
-        if not trained:
-            log.warning("model %s is randomly initialised (no trained weights)", name)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    from advdet.models.detector import Detector
-
-    kind = "detector" if isinstance(model, Detector) else "classifier"
-    size = int(getattr(model, "input_size", 0) or 0)
-    if size <= 0:
-        raise ValueError(f"model {name!r} has no input_size attribute")
-    return LoadedModel(name, model, kind, size, bool(getattr(model, "has_masks", False)), trained,
-                       None if weights is None else str(weights))
+#: the error of a model that cannot be loaded as asked (the loader's ``UntrainedModelError``)
+ModelUnavailable = UntrainedModelError
 
 
 def _is_classifier_attack(name: str) -> bool:

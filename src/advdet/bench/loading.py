@@ -1,0 +1,111 @@
+"""Load a benchmark model by name: a zoo entry or ``torchvision:BUILDER``, with its weights, in eval mode.
+
+One loader for every benchmark (transfer, robustness, analyses): a model without trained weights is
+refused with ``UntrainedModelError`` unless the caller allows random weights explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "UntrainedModelError", "load_model", "load_detector"]
+
+_HOW = ("pass a weights file (Python weights=PATH, CLI --weights NAME=PATH) or allow random weights "
+        "explicitly (allow_untrained=True, CLI --allow-untrained)")
+
+
+class UntrainedModelError(ValueError):
+    """A model without trained weights was asked for; the message says how to give or allow it."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    kind: str               # "detector" | "classifier"
+    input_size: int
+    has_masks: bool
+    trained: bool
+    weights: str | None     # the weights file it was loaded from (None: random, or the zoo's shipped file)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "input_size": self.input_size, "has_masks": self.has_masks,
+                "trained": self.trained, "weights": self.weights}
+
+    @property
+    def origin(self) -> str:
+        """Where the weights came from: the file, or ``"untrained"``."""
+        if self.weights is not None:
+            return self.weights
+        if not self.trained:
+            return "untrained"
+        from advdet.models.zoo import zoo_entry
+
+        return str(zoo_entry(self.name).weights_path)
+
+
+def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_untrained: bool = False,
+               device: torch.device | str | None = None, model: nn.Module | None = None,
+               input_size: int | None = None) -> LoadedModel:
+    """Build a zoo / ``torchvision:`` model for a benchmark, in eval mode on ``device``.
+
+    ``weights`` (a file) overrides the zoo's shipped weights. A zoo model without shipped weights (or a
+    torchvision model without ``weights``) raises ``UntrainedModelError`` unless ``allow_untrained`` (then
+    it is randomly initialised and marked ``trained=False``); a shipped file that cannot be read raises
+    ``CheckpointError``. ``model``: use this already built module under ``name`` (tests, custom models).
+    ``input_size``: letterbox size of a ``torchvision:`` model (default: the builder's; zoo models are
+    fixed at 256).
+    """
+    from advdet.models.detector import Detector
+    from advdet.models.zoo import build_model, zoo_entry
+
+    trained = True
+    if model is None:
+        if name.startswith("torchvision:"):
+            trained = weights is not None
+        else:
+            entry = zoo_entry(name)
+            trained = weights is not None or entry.trained
+        if not trained and not allow_untrained:
+            if name.startswith("torchvision:"):
+                raise UntrainedModelError(f"{name} has no trained weights (a torchvision builder without a "
+                                          f"weights file is randomly initialised); {_HOW}")
+            raise UntrainedModelError(f"zoo model {name!r} has no trained weights ({entry.weights_path} is "
+                                      f"missing; train them with `advdet zoo train {name}`); {_HOW}")
+        if input_size is not None and not name.startswith("torchvision:"):
+            raise ValueError(f"model {name!r}: only torchvision: models take an input size (zoo models: 256)")
+        model = build_model(name, weights=weights, pretrained=trained, input_size=input_size)
+        if not trained:
+            log.warning("model %s is randomly initialised (no trained weights)", name)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    kind = "detector" if isinstance(model, Detector) else "classifier"
+    size = int(getattr(model, "input_size", 0) or 0)
+    if size <= 0:
+        raise ValueError(f"model {name!r} has no input_size attribute")
+    return LoadedModel(name, model, kind, size, bool(getattr(model, "has_masks", False)), trained,
+                       None if weights is None else str(weights))
+
+
+def load_detector(name: str, *, weights: str | os.PathLike | None = None,
+                  allow_untrained: bool = False) -> tuple[nn.Module, str]:
+    """:func:`load_model` for benchmarks that need a detector: (detector in eval mode, origin), with
+    origin the weights path or ``"untrained"``; a zoo classifier is refused with ``ValueError``."""
+    if not name.startswith("torchvision:"):
+        from advdet.models.zoo import zoo_entry
+
+        entry = zoo_entry(name)
+        if entry.kind != "detector":
+            raise ValueError(f"{name!r} is a zoo {entry.kind}, not a detector; this benchmark needs detectors")
+    loaded = load_model(name, weights=weights, allow_untrained=allow_untrained)
+    if loaded.kind != "detector":
+        raise TypeError(f"{name}: built a {type(loaded.model).__name__}, not a Detector")
+    return loaded.model, loaded.origin

@@ -1,0 +1,28 @@
+"""The one model loader of the benchmarks (advdet.bench.loading)."""
+
+import pytest
+
+from advdet.bench.loading import UntrainedModelError, load_detector, load_model
+from advdet.models.zoo import zoo_entry
+
+
+def test_load_detector_refuses_a_classifier_before_building_it():
+    with pytest.raises(ValueError, match="'classifier' is a zoo classifier, not a detector"):
+        load_detector("classifier", allow_untrained=True)
+
+
+def test_origin_names_the_weights_or_untrained(tmp_path):
+    entry = zoo_entry("ssd_vgg")
+    if not entry.trained:
+        pytest.skip("the zoo's ssd_vgg weights are not shipped")
+    model, origin = load_detector("ssd_vgg")
+    assert origin == str(entry.weights_path) and not model.training
+    loaded = load_model("ssd_vgg", weights=entry.weights_path)
+    assert loaded.origin == str(entry.weights_path) and loaded.trained
+    untrained = [n for n in ("fcos", "fasterrcnn", "maskrcnn") if not zoo_entry(n).trained]
+    if untrained:
+        with pytest.raises(UntrainedModelError, match=f"zoo model '{untrained[0]}' has no trained weights.*"
+                                                      "--allow-untrained"):
+            load_model(untrained[0])
+        loaded = load_model(untrained[0], allow_untrained=True)
+        assert loaded.origin == "untrained" and not loaded.trained and loaded.kind == "detector"
