@@ -269,3 +269,27 @@ def test_small_builder():
     torch.testing.assert_close(det.anchor_wh[0], torch.tensor([10 * 256 / 416, 13 * 256 / 416]))
     with pytest.raises(ValueError):
         det.dense(torch.zeros(1, 3, 250, 250))
+
+
+def test_darknet_name_builds_the_published_yolov3_and_reads_weights_files(tmp_path):
+    from advdet.bench.loading import UntrainedModelError, load_model
+    from advdet.models.zoo import build_model, is_external
+
+    assert is_external("darknet:yolov3") and is_external("torchvision:ssd300_vgg16") and not is_external("yolov3")
+    a = build_model("darknet:yolov3", num_classes=1, input_size=64)
+    assert (a.num_classes, a.input_size, a.model.width) == (1, 64, 1.0)
+    assert build_model("darknet:yolov3").input_size == 416 and build_model("darknet:yolov3").num_classes == 80
+    path = tmp_path / "yolov3.weights"
+    save_darknet_weights(a, path)
+    b = build_model("darknet:yolov3", num_classes=1, input_size=64, weights=path)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a.dense(x).logits, b.dense(x).logits)
+    with pytest.raises(KeyError, match="unknown Darknet model 'darknet:yolov9'"):
+        build_model("darknet:yolov9")
+    with pytest.raises(DarknetWeightsError, match="yolov3.weights"):  # 80-class model, 1-class file
+        build_model("darknet:yolov3", weights=path)
+    with pytest.raises(UntrainedModelError, match="darknet:yolov3 has no trained weights"):
+        load_model("darknet:yolov3")
+    loaded = load_model("darknet:yolov3", allow_untrained=True, input_size=64)
+    assert (loaded.trained, loaded.input_size, loaded.kind, loaded.origin) == (False, 64, "detector", "untrained")

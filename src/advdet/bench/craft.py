@@ -59,7 +59,7 @@ from advdet.data.registry import resolve_dataset
 from advdet.metrics.perturbation import perturbation_stats
 from advdet.models.detector import Detector
 from advdet.models.weights import read_card, sha256_file
-from advdet.models.zoo import build_model, zoo_entry
+from advdet.models.zoo import build_model, is_external, zoo_entry
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike
     path: Path | None = None
     if weights:
         path = Path(weights)
-    elif pretrained and not model_name.startswith("torchvision:"):
+    elif pretrained and not is_external(model_name):
         path = zoo_entry(model_name).weights_path
     if path is None:
         info.update(weights=None, weights_sha256=None, untrained=True)
@@ -218,7 +218,7 @@ class _Job:
         # surrogate (an untrained one is initialised from the job seed, so every run builds the same)
         torch.manual_seed(self.seed)
         self.model = build_model(model_name, weights=weights, pretrained=pretrained,
-                                 input_size=input_size if model_name.startswith("torchvision:") else None)
+                                 input_size=input_size if is_external(model_name) else None)
         if input_size is not None and getattr(self.model, "input_size", None) != input_size:
             raise CraftError(f"{model_name!r} takes {getattr(self.model, 'input_size', None)} px inputs; "
                              f"input_size={input_size} only applies to torchvision:BUILDER models")

@@ -64,22 +64,22 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_unt
     fixed at 256).
     """
     from advdet.models.detector import Detector
-    from advdet.models.zoo import build_model, zoo_entry
+    from advdet.models.zoo import build_model, is_external, zoo_entry
 
     trained = True
     if model is None:
-        if name.startswith("torchvision:"):
+        if is_external(name):
             trained = weights is not None
         else:
             entry = zoo_entry(name)
             trained = weights is not None or entry.trained
         if not trained and not allow_untrained:
-            if name.startswith("torchvision:"):
+            if is_external(name):
                 raise UntrainedModelError(f"{name} has no trained weights (a torchvision builder without a "
                                           f"weights file is randomly initialised); {_HOW}")
             raise UntrainedModelError(f"zoo model {name!r} has no trained weights ({entry.weights_path} is "
                                       f"missing; train them with `advdet zoo train {name}`); {_HOW}")
-        if input_size is not None and not name.startswith("torchvision:"):
+        if input_size is not None and not is_external(name):
             raise ValueError(f"model {name!r}: only torchvision: models take an input size (zoo models: 256)")
         model = build_model(name, weights=weights, pretrained=trained, input_size=input_size)
         if not trained:
@@ -99,8 +99,9 @@ def load_detector(name: str, *, weights: str | os.PathLike | None = None,
                   allow_untrained: bool = False) -> tuple[nn.Module, str]:
     """:func:`load_model` for benchmarks that need a detector: (detector in eval mode, origin), with
     origin the weights path or ``"untrained"``; a zoo classifier is refused with ``ValueError``."""
-    if not name.startswith("torchvision:"):
-        from advdet.models.zoo import zoo_entry
+    from advdet.models.zoo import is_external, zoo_entry
+
+    if not is_external(name):
 
         entry = zoo_entry(name)
         if entry.kind != "detector":

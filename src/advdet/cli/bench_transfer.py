@@ -51,7 +51,10 @@ def parse_weights(items: list[str]) -> dict[str, str]:
 
 
 def parse_sizes(items: list[str], names: list[str]) -> dict[str, int]:
-    """``416`` -> every torchvision: model in ``names`` at 416; ``torchvision:X=448`` -> that model."""
+    """``416`` -> every external (``torchvision:`` / ``darknet:``) model in ``names`` at 416;
+    ``torchvision:X=448`` -> that model."""
+    from advdet.models.zoo import is_external
+
     out: dict[str, int] = {}
     for item in items:
         name, eq, val = item.rpartition("=")
@@ -62,7 +65,7 @@ def parse_sizes(items: list[str], names: list[str]) -> dict[str, int]:
         if eq:
             out[name] = s
         else:
-            out.update({n: s for n in names if n.startswith("torchvision:") and n not in out})
+            out.update({n: s for n in names if is_external(n) and n not in out})
     return out
 
 

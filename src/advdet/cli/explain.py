@@ -47,7 +47,7 @@ def explain_cmd(
     from advdet.data.errors import DatasetError
     from advdet.data.io import read_image_rgb
     from advdet.models.weights import CheckpointError
-    from advdet.models.zoo import build_model
+    from advdet.models.zoo import build_model, is_external
     from advdet.relevance import NodeSelection, explain_image
 
     if nodes < 1 or boxes < 0:
@@ -62,7 +62,7 @@ def explain_cmd(
         if threads is not None:
             torch.set_num_threads(max(1, threads))
         torch.manual_seed(seed)
-        if model.startswith("torchvision:"):
+        if is_external(model):
             det = build_model(model, weights=weights, num_classes=num_classes, input_size=size)
         else:
             det = build_model(model, weights=weights, pretrained=not untrained)
@@ -74,7 +74,7 @@ def explain_cmd(
     det.to(dev).eval()
     x, _ = load_letterboxed(arr, det.input_size)
     names = getattr(det, "class_names", None)
-    if names is None and not model.startswith("torchvision:"):
+    if names is None and not is_external(model):
         from advdet.data.shapes import SHAPE_CLASSES
 
         names = list(SHAPE_CLASSES) if det.num_classes == len(SHAPE_CLASSES) else None

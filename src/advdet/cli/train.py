@@ -83,10 +83,10 @@ def train_cmd(
         raise typer.BadParameter(str(err.args[0]), param_hint="--method") from None
     recipe: dict = {}
     if m.attack is None:
-        from advdet.models.zoo import zoo_entry
+        from advdet.models.zoo import is_external, zoo_entry
 
         try:
-            entry = zoo_entry(model) if not model.startswith("torchvision:") else None
+            entry = zoo_entry(model) if not is_external(model) else None
         except KeyError:
             entry = None
         if entry is not None and entry.method == "standard":

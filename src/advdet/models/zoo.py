@@ -4,7 +4,12 @@ Names resolve in one place (``build_model``):
 - a zoo name (``ssd_vgg``, ``yolov3``, ...): the zoo architecture, with the shipped weights from
   ``advdet/zoo_weights/NAME.safetensors`` when they exist (``pretrained=True``);
 - ``torchvision:BUILDER`` (e.g. ``torchvision:fasterrcnn_resnet50_fpn``): any torchvision detection
-  builder, random or with ``weights=PATH`` (a local state dict, e.g. COCO weights from torch's cache).
+  builder, random or with ``weights=PATH`` (a local state dict, e.g. COCO weights from torch's cache);
+- ``darknet:yolov3``: the published YOLOv3 (Darknet-53, 80 classes, 416 px unless ``input_size``), RAD's
+  surrogate, random or with ``weights=PATH``: a Darknet ``.weights`` file (``yolov3.weights``) or an
+  advdet safetensors file.
+``torchvision:`` and ``darknet:`` names are *external* models (:func:`is_external`): they have no
+shipped weights and take an input size.
 Each entry carries the recipe (``TrainConfig`` fields) that ``advdet zoo train NAME`` runs.
 """
 
@@ -155,6 +160,36 @@ def zoo_entries() -> list[ZooEntry]:
     return list(ZOO.values())
 
 
+EXTERNAL_PREFIXES = ("torchvision:", "darknet:")
+DARKNET_MODELS = ("yolov3",)
+
+
+def is_external(name: str) -> bool:
+    """True for ``torchvision:BUILDER`` and ``darknet:MODEL`` names (no shipped weights, any input size)."""
+    return name.startswith(EXTERNAL_PREFIXES)
+
+
+def _darknet_model(arch: str, weights: str | os.PathLike | None, num_classes: int | None,
+                   input_size: int | None) -> nn.Module:
+    if arch not in DARKNET_MODELS:
+        raise KeyError(f"unknown Darknet model 'darknet:{arch}'; known: "
+                       + ", ".join(f"darknet:{a}" for a in DARKNET_MODELS))
+    from advdet.models.yolov3 import yolov3
+
+    model = yolov3(num_classes=num_classes or 80, input_size=input_size or 416)
+    if weights is not None:
+        path = Path(weights)
+        if path.suffix == ".weights":
+            from advdet.models.darknet_weights import load_darknet_weights
+
+            load_darknet_weights(model, path)
+        elif not path.is_file():
+            raise CheckpointError(f"{path}: weights file not found")
+        else:
+            load_weights(model, path)
+    return model.eval()
+
+
 def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
                 num_classes: int | None = None, input_size: int | None = None) -> nn.Module:
     """Build a model by name (see the module docstring); ``weights`` overrides the shipped weights.
@@ -171,6 +206,8 @@ def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrain
         if input_size is not None:
             kw["input_size"] = input_size
         return torchvision_detector(name.split(":", 1)[1], weights_path=weights, **kw)
+    if name.startswith("darknet:"):
+        return _darknet_model(name.split(":", 1)[1], weights, num_classes, input_size)
     entry = zoo_entry(name)
     model = entry.builder()
     path = Path(weights) if weights else (entry.weights_path if pretrained else None)
