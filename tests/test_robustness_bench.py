@@ -178,7 +178,7 @@ def test_table_matches_an_independent_evaluation(toy_coco):
 
 
 def test_voc07_route_on_a_voc_folder_ignores_difficult_objects(tmp_path):
-    voc = write_toy_voc(tmp_path / "VOC2007")
+    write_toy_voc(tmp_path / "VOC2007")
     res = robustness_table(["toy"], ["clean", "cls"], tmp_path, eps=100, steps=1,
                            detectors={"toy": ToyDetector()}, progress=False)
     assert res["metric"] == "voc07" and res["images"] == 4
