@@ -26,3 +26,13 @@ def test_origin_names_the_weights_or_untrained(tmp_path):
             load_model(untrained[0])
         loaded = load_model(untrained[0], allow_untrained=True)
         assert loaded.origin == "untrained" and not loaded.trained and loaded.kind == "detector"
+
+
+def test_a_module_passed_in_is_used_as_given():
+    from torch import nn
+
+    class Tiny(nn.Module):
+        input_size = 32
+
+    loaded = load_model("my-model", model=Tiny())
+    assert (loaded.kind, loaded.input_size, loaded.trained, loaded.origin) == ("classifier", 32, True, "given")

@@ -41,14 +41,17 @@ class LoadedModel:
 
     @property
     def origin(self) -> str:
-        """Where the weights came from: the file, or ``"untrained"``."""
+        """Where the weights came from: the file, ``"untrained"``, or ``"given"`` (a module passed in)."""
         if self.weights is not None:
             return self.weights
         if not self.trained:
             return "untrained"
-        from advdet.models.zoo import zoo_entry
+        from advdet.models.zoo import is_external, zoo_entry
 
-        return str(zoo_entry(self.name).weights_path)
+        try:
+            return "given" if is_external(self.name) else str(zoo_entry(self.name).weights_path)
+        except KeyError:
+            return "given"
 
 
 def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_untrained: bool = False,
