@@ -51,6 +51,37 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(v, c.state_dict()[k]), k
 
 
+def test_lr_mults_scale_the_step_of_the_named_parameters_only(tmp_path):
+    from advdet.training.standard import build_optimizer, lr_mult_of
+
+    assert lr_mult_of("model.aid.fc.weight", {"model.aid.": 30, "model.": 2}) == 30.0
+    assert lr_mult_of("model.vgg.0.weight", {"model.aid.": 30, "model.": 2}) == 2.0
+    assert lr_mult_of("model.vgg.0.weight", None) == 1.0
+    m = ssd_vgg_small(num_classes=2, input_size=64)
+    plain = build_optimizer(m, _cfg(optimizer="sgd"))
+    # no multipliers: the two groups (decay, no decay) of earlier versions, so old checkpoints still resume
+    assert [(g["weight_decay"], g["lr_mult"]) for g in plain.param_groups] == [(5e-4, 1.0), (0.0, 1.0)]
+    # one SGD step (lr 1e-3, no weight decay, no warm-up) from the same weights with the loc heads' lr x 10
+    torch.manual_seed(0)
+    a = ssd_vgg_small(num_classes=2, input_size=64)
+    b = ssd_vgg_small(num_classes=2, input_size=64)
+    b.load_state_dict(a.state_dict())
+    init = {k: v.clone() for k, v in a.state_dict().items()}
+    kw = dict(iters=1, batch_size=2, warmup_iters=0, weight_decay=0.0, optimizer="sgd",
+              lr_schedule="constant", augment=False, grad_clip=0.0)
+    train_detector(a, _cache(), _cfg(**kw), tmp_path / "a")
+    train_detector(b, _cache(), _cfg(**kw, lr_mults={"model.loc.": 10.0}), tmp_path / "b")
+    moved = 0.0
+    for k in init:
+        da, db = a.state_dict()[k] - init[k], b.state_dict()[k] - init[k]
+        if k.startswith("model.loc."):
+            assert torch.allclose(db, 10 * da, rtol=1e-3, atol=1e-6), k
+            moved = max(moved, float(da.abs().max()))
+        else:
+            assert torch.equal(da, db), k
+    assert moved > 1e-4  # well above the tolerance, so a missing multiplier fails
+
+
 def test_augment_keeps_boxes_on_objects():
     g = torch.Generator().manual_seed(1)
     img = torch.zeros(3, 64, 64)

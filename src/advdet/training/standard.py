@@ -45,17 +45,32 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and checkpoint) after this wall time
     iters: int | None = None  # total iterations; overrides ``epochs`` when set
     lr_schedule: str = "cosine"  # cosine (warm-up, cosine to 5 %) | constant (warm-up, then lr)
+    #: learning-rate multipliers by parameter-name prefix, e.g. ``{"model.aid.": 30}`` (first match wins)
+    lr_mults: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def lr_mult_of(name: str, lr_mults: dict[str, float] | None) -> float:
+    """The learning-rate multiplier of parameter ``name``: the first prefix of ``lr_mults`` it starts with, else 1."""
+    for prefix, mult in (lr_mults or {}).items():
+        if name.startswith(prefix):
+            return float(mult)
+    return 1.0
+
+
 def build_optimizer(detector: Detector, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """SGD (momentum 0.9) or AdamW; no weight decay on 1-d parameters (biases, norms); each group carries its
+    ``lr_mult`` (:attr:`TrainConfig.lr_mults`), which the training loop applies to the scheduled rate."""
+    groups_by_key: dict[tuple[float, bool], list] = {}
     for name, p in detector.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups_by_key.setdefault((lr_mult_of(name, cfg.lr_mults), p.ndim > 1), []).append(p)
+    # without multipliers: exactly the two groups (decay, no decay) of earlier versions, so old checkpoints resume
+    keys = sorted(groups_by_key, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    groups = [{"params": groups_by_key[k], "weight_decay": cfg.weight_decay if k[1] else 0.0, "lr_mult": k[0]}
+              for k in keys]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     if cfg.optimizer == "adamw":
@@ -218,7 +233,7 @@ def train_detector(detector: Detector, cache: TensorCache, cfg: TrainConfig, out
             x, targets = make_batch_seeded(cache, idx[mine], seeds[mine], cfg.augment, with_masks)
         x, targets = _to_device(x, targets, device)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(it, total, cfg.warmup_iters, cfg.lr_schedule)
+            g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * lr_factor(it, total, cfg.warmup_iters, cfg.lr_schedule)
         losses = runner(x, targets) if runner is not None else inner_step(detector, x, targets)
         loss = losses["loss"] if "loss" in losses else sum(losses.values())
         if not torch.isfinite(loss):
