@@ -375,3 +375,51 @@ def test_robustdet_loss_decreases_with_a_few_steps():
     losses, aid = zip(*[step() for _ in range(6)])
     assert losses[-1] < 0.8 * losses[0], losses
     assert aid[-1] < aid[0], aid  # the AID starts to separate clean from adversarial
+
+
+def test_aid_cross_entropy_value_and_term_in_the_loss():
+    from advdet.models.aid import aid_cross_entropy
+
+    pi = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0]])
+    want = -(math.log(0.7) + math.log(0.25) + math.log(1.0)) / 3
+    assert aid_cross_entropy(pi, torch.tensor([0, 1, 1])).item() == pytest.approx(want, rel=1e-6)
+    assert math.isfinite(aid_cross_entropy(pi, torch.tensor([0, 1, 0])).item())  # log 0 clamped
+    torch.manual_seed(0)
+    r = robustdet_from_ssd(_ssd(), cfr=False).train()
+    x_clean, x_adv = torch.rand(2, 3, S, S), torch.rand(2, 3, S, S)
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    base = robustdet_loss(r, x_clean, _targets(2), x_adv, _targets(2), **kw)
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    out = robustdet_loss(r, x_clean, _targets(2), x_adv, _targets(2), aid_ce=2.0, **kw)
+    assert "ce" not in base
+    torch.testing.assert_close(out["ce"], aid_cross_entropy(out["pi"], torch.tensor([0, 0, 1, 1])))
+    torch.testing.assert_close(out["loss"], base["loss"] + 2.0 * out["ce"])
+
+
+def test_aid_cross_entropy_separates_what_the_triplet_loss_cannot_from_a_collapsed_start():
+    """docs/robustdet.md: with every softmax vector equal, the squared-L2 triplet loss sits at its margin with
+    zero gradient; the cross-entropy moves the AID towards kernel 0 for clean, kernel 1 for adversarial."""
+    from advdet.models.aid import aid_cross_entropy
+
+    torch.manual_seed(0)
+    aid = aid_small(4)
+    nn.init.zeros_(aid.backbone.fc.weight)
+    nn.init.zeros_(aid.backbone.fc.bias)  # collapsed: pi = 1/4 for every image
+    x = torch.rand(8, 3, 32, 32) * 255
+    x[4:] += 20 * torch.randn(4, 3, 32, 32)  # "adversarial" half: noisier images
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    pi = aid(x)
+    loss, _ = aid_triplet_loss(pi, labels, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(0.6, abs=1e-6)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() < 1e-8 for p in aid.parameters())
+    aid.zero_grad()
+    opt = torch.optim.SGD(aid.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        aid_cross_entropy(aid(x), labels).backward()
+        opt.step()
+    aid.eval()
+    with torch.no_grad():
+        pi = aid(x)
+    assert (pi[:4, 0] > pi[:4, 1]).all() and (pi[4:, 1] > pi[4:, 0]).all()

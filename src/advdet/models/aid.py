@@ -42,6 +42,11 @@ class AID(nn.Module):
         return self.logits(x).softmax(-1)
 
 
+def aid_cross_entropy(pi: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``mean_i -log pi_i[labels_i]``: cross-entropy of the AID's softmax ``pi`` (N, K) against kernel indices."""
+    return torch.nn.functional.nll_loss(pi.clamp_min(torch.finfo(pi.dtype).tiny).log(), labels.to(pi.device))
+
+
 def aid_resnet18(K: int = 4) -> AID:
     """The reference AID: torchvision ResNet-18 (``weights=None``), fc -> Linear(512, K), plain softmax."""
     from torchvision.models import resnet18

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from advdet.models.aid import build_aid
+from advdet.models.aid import aid_cross_entropy, build_aid
 from advdet.models.box_ops import cxcywh_to_xyxy, ssd_decode
 from advdet.models.cfr import CFR, cfr_kld, cfr_recon_loss
 from advdet.models.detector import Detector, DenseOutput, check_finite
@@ -204,7 +204,7 @@ def robustdet_loss(model: RobustSSD, x_clean: torch.Tensor, t_clean: list[dict],
                    triplet_reduction: Literal["mean", "sum"] = "mean", margin: float = 0.6,
                    beta: float = BETA, a: float = A_AID, b: float = B_RE, c: float = C_KLD,
                    cfr_divisor: float = 1.0, x_adv_clean: torch.Tensor | None = None, adc: bool = False,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   aid_ce: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The RobustDet objective (eq. 5) on a clean and an adversarial batch (ALGORITHMS.md 1.5, one update).
 
     ``L = beta * (L_det + a * L_aid) + (b * L_re + c * L_kld) / cfr_divisor``, with
@@ -224,9 +224,12 @@ def robustdet_loss(model: RobustSSD, x_clean: torch.Tensor, t_clean: list[dict],
     ``adc=True`` adds the reference's extra branch: the clean images forwarded again with the detached
     ``pi`` of the adversarial images (pair i <-> i, needs equal batch sizes), with the clean targets, in the
     same multibox loss. The model's train/eval mode is left to the caller (the reference trains in train mode).
+    ``aid_ce > 0`` (not in the paper; an advdet option, docs/robustdet.md) adds ``aid_ce * L_ce``, the
+    cross-entropy of ``pi`` against kernel 0 for clean and kernel 1 for adversarial images: a supervised
+    signal that gets the AID out of the collapsed start where the triplet loss has no gradient.
 
     Returns a dict with ``loss`` (the total, to backpropagate), ``det``, ``cls``, ``loc``, ``aid``,
-    ``n_triplets``, ``pi`` (detached, (Bc + Ba, K)), and with CFR ``re`` and ``kld``.
+    ``n_triplets``, ``pi`` (detached, (Bc + Ba, K)), with CFR ``re`` and ``kld``, with ``aid_ce`` ``ce``.
     """
     from advdet.models.aid_triplet import aid_triplet_loss
 
@@ -263,6 +266,10 @@ def robustdet_loss(model: RobustSSD, x_clean: torch.Tensor, t_clean: list[dict],
     total = beta * (l_det + a * l_aid)
     result = {"det": l_det, "cls": det["cls"], "loc": det["loc"], "aid": l_aid,
               "n_triplets": torch.tensor(len(triplets)), "pi": pi.detach()}
+    if aid_ce > 0:
+        l_ce = aid_cross_entropy(pi, labels)
+        total = total + aid_ce * l_ce
+        result["ce"] = l_ce
     if clean_target is not None:
         l_re = cfr_recon_loss(out["recon"], clean_target)
         l_kld = cfr_kld(out["mu"], out["logvar"])

@@ -210,19 +210,20 @@ class RobustDetStep(AdversarialTrainingStep):
     ``L = beta (L_det + a L_aid) + (b L_re + c L_kld) / cfr_divisor`` on ``[x_clean; x_adv]`` through
     :func:`~advdet.models.robustdet.robustdet_loss`: one AID + detector forward of both halves, the AID
     triplet loss with labels clean 0 / adversarial 1 (``triplet="code"``: JS mining, squared-L2 hinge, the
-    reference; ``"paper"``: JS in both, eq. 2), and with CFR the reconstruction of the *clean* images (for
+    reference; ``"paper"``: JS in both, eq. 2), ``aid_ce`` the weight of the optional AID cross-entropy (0,
+    not in the paper), and with CFR the reconstruction of the *clean* images (for
     the adversarial half: the images before the attack). Defaults: beta 0.75, a 3, b 0.16, c 5 (Sec. 5.1)
     and ``cfr_divisor=255`` (the reference code's scaling of the CFR terms). ``adc=True`` adds the
     reference's clean-with-adversarial-pi branch (off by default: it is not in the paper).
 
-    Returns ``{"loss", "det", "cls", "loc", "aid", "n_triplets", "pi_gap"[, "re", "kld"]}`` (all but
+    Returns ``{"loss", "det", "cls", "loc", "aid", "n_triplets", "pi_gap"[, "ce"][, "re", "kld"]}`` (all but
     ``loss`` detached); ``pi_gap`` = L1 distance between the mean AID outputs of the two halves.
     Checkpointing (``state_dict``) is the base class's: the state of the adversarial examples.
     """
 
     def __init__(self, examples: AdversarialExamples, *, triplet: str = "code", margin: float = AID_MARGIN,
                  beta: float = BETA, a: float = A_AID, b: float = B_RE, c: float = C_KLD,
-                 cfr_divisor: float = 255.0, adc: bool = False):
+                 cfr_divisor: float = 255.0, adc: bool = False, aid_ce: float = 0.0):
         if triplet not in ("code", "paper"):
             raise ValueError(f"triplet must be 'code' or 'paper', got {triplet!r}")
         if cfr_divisor <= 0:
@@ -231,10 +232,13 @@ class RobustDetStep(AdversarialTrainingStep):
         self.triplet, self.margin, self.adc = triplet, float(margin), bool(adc)
         self.beta, self.a, self.b, self.c = float(beta), float(a), float(b), float(c)
         self.cfr_divisor = float(cfr_divisor)
+        if aid_ce < 0:
+            raise ValueError(f"aid_ce must be >= 0, got {aid_ce}")
+        self.aid_ce = float(aid_ce)
 
     def config(self) -> dict:
         return {**self.examples.config(), "triplet": self.triplet, "margin": self.margin, "beta": self.beta,
-                "a": self.a, "b": self.b, "c": self.c, "cfr_divisor": self.cfr_divisor, "adc": self.adc}
+                "a": self.a, "b": self.b, "c": self.c, "cfr_divisor": self.cfr_divisor, "adc": self.adc, "aid_ce": self.aid_ce}
 
     def __call__(self, detector: Any, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         if not isinstance(detector, RobustSSD):
@@ -244,11 +248,11 @@ class RobustDetStep(AdversarialTrainingStep):
         x_adv, x0, ta = self.examples(detector, xs, ts)
         out = robustdet_loss(detector, xc, tc, x_adv, ta, triplet=self.triplet, margin=self.margin,
                              beta=self.beta, a=self.a, b=self.b, c=self.c, cfr_divisor=self.cfr_divisor,
-                             x_adv_clean=x0 if detector.has_cfr else None, adc=self.adc)
+                             x_adv_clean=x0 if detector.has_cfr else None, adc=self.adc, aid_ce=self.aid_ce)
         pi = out["pi"]
         h = xc.shape[0]
         res = {"loss": out["loss"]}
-        for k in ("det", "cls", "loc", "aid", "re", "kld"):
+        for k in ("det", "cls", "loc", "aid", "ce", "re", "kld"):
             if k in out:
                 res[k] = out[k].detach()
         res["n_triplets"] = out["n_triplets"].float()

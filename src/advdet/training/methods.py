@@ -85,7 +85,8 @@ class MethodConfig:
     ``schedule``: ``interleaved`` (default, the reference code) or ``plain``; ``pgd_steps``, ``eps``,
     ``alpha``: PGD settings in 0-255 units. RobustDet only: ``triplet`` (``code`` | ``paper``),
     ``margin``, the eq. 5 weights ``beta``, ``a``, ``b``, ``c``, ``cfr_divisor`` (255, the reference) and
-    ``adc`` (the reference's extra branch), ``aid`` (``small`` | ``resnet18``) and ``K`` for a RobustSSD
+    ``adc`` (the reference's extra branch), ``aid_ce`` (weight of the AID cross-entropy, 0: off, not in the
+    paper), ``aid`` (``small`` | ``resnet18``) and ``K`` for a RobustSSD
     built from an SSD.
     """
 
@@ -102,6 +103,7 @@ class MethodConfig:
     c: float = C_KLD
     cfr_divisor: float = 255.0
     adc: bool = False
+    aid_ce: float = 0.0
     aid: str = "small"
     K: int = 4
 
@@ -144,7 +146,7 @@ def build_step_fn(method: str, cfg: MethodConfig | None = None) -> Callable | No
     if not m.robustdet:
         return AdversarialTrainingStep(examples)
     return RobustDetStep(examples, triplet=cfg.triplet, margin=cfg.margin, beta=cfg.beta, a=cfg.a, b=cfg.b,
-                         c=cfg.c, cfr_divisor=cfg.cfr_divisor, adc=cfg.adc)
+                         c=cfg.c, cfr_divisor=cfg.cfr_divisor, adc=cfg.adc, aid_ce=cfg.aid_ce)
 
 
 def resolve_init(init: str | os.PathLike) -> Path:
