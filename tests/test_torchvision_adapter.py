@@ -190,6 +190,14 @@ def test_loss_rejects_bad_labels():
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_batch_equals_singles(name):
+    # oneDNN picks its convolution kernels by batch size, and on some CPUs (seen on AMD EPYC) batch 4 and batch 1
+    # then differ by ~1e-6; with random weights that reorders near-tied proposals of the two-stage models and
+    # changes whole detections. The contract is about the adapter's batching, so use PyTorch's own kernels.
+    with torch.backends.mkldnn.flags(enabled=False):
+        _check_batch_equals_singles(name)
+
+
+def _check_batch_equals_singles(name):
     det = build(name)
     x, _ = synthetic_batch(4, seed=5)
     if name in TWO_STAGE:
