@@ -238,7 +238,8 @@ class RobustDetStep(AdversarialTrainingStep):
 
     def config(self) -> dict:
         return {**self.examples.config(), "triplet": self.triplet, "margin": self.margin, "beta": self.beta,
-                "a": self.a, "b": self.b, "c": self.c, "cfr_divisor": self.cfr_divisor, "adc": self.adc, "aid_ce": self.aid_ce}
+                "a": self.a, "b": self.b, "c": self.c, "cfr_divisor": self.cfr_divisor, "adc": self.adc,
+                "aid_ce": self.aid_ce}
 
     def __call__(self, detector: Any, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         if not isinstance(detector, RobustSSD):
