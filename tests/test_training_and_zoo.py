@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from advdet.cli import app
 from advdet.models.ssd_vgg import ssd_vgg_small
-from advdet.models.weights import CheckpointError, load_weights, read_card, save_weights
+from advdet.models.weights import CheckpointError, load_weights, read_card, round_to_dtype, save_weights
 from advdet.models.zoo import build_model, zoo_entries, zoo_entry
 from advdet.training.augment import augment_detection
 from advdet.training.standard import TrainConfig, train_detector
@@ -114,6 +114,23 @@ def test_weights_round_trip_and_clear_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="another architecture"):
         load_weights(yolov3_small(num_classes=3, input_size=64), tmp_path / "m.safetensors")
+
+
+def test_float16_storage_halves_the_file_and_loads_what_round_to_dtype_computes(tmp_path):
+    torch.manual_seed(0)
+    m = ssd_vgg_small(num_classes=3, input_size=64).eval()
+    full = save_weights(m, tmp_path / "full.safetensors")
+    half = save_weights(m, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert full["dtype"] == "float32" and half["dtype"] == "float16"
+    assert 0.45 < half["file_size"] / full["file_size"] < 0.55
+    x = torch.rand(2, 3, 64, 64)
+    before = m.dense(x).logits.detach()
+    fresh = load_weights(ssd_vgg_small(num_classes=3, input_size=64), tmp_path / "half.safetensors").eval()
+    assert next(fresh.parameters()).dtype == torch.float32  # loaded back into the model's own dtype
+    after = fresh.dense(x).logits.detach()
+    assert 0 < float((after - before).abs().max()) < 1e-2  # rounded, not exact, and close
+    round_to_dtype(m, torch.float16)
+    assert torch.equal(m.dense(x).logits.detach(), after)  # what the card measures is what the file computes
 
 
 def test_zoo_registry_names_families_and_builds():

@@ -27,19 +27,39 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, card: dict | None = None) -> dict:
+def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Round every floating parameter and buffer of ``model`` to ``dtype``'s precision, in place.
+
+    The model keeps its own dtype; afterwards it computes exactly what it will compute once its weights
+    are saved with ``save_weights(..., dtype=dtype)`` and loaded back, so a card measured after this
+    call describes the stored file.
+    """
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+    return model
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, card: dict | None = None, *,
+                 dtype: torch.dtype | None = None) -> dict:
     """Save ``model.state_dict()`` to ``path`` (.safetensors) and its card to the same name with .json.
 
-    The card gets ``file_size`` and ``sha256`` of the weights. Both files are written atomically.
+    ``dtype`` (e.g. ``torch.float16``) stores floating tensors in that type (half the bytes); loading
+    casts them back to the model's dtype. The card gets ``file_size``, ``sha256`` and ``dtype`` of the
+    weights. Both files are written atomically.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     card = dict(card or {})
-    card.update(file=path.name, file_size=path.stat().st_size, sha256=sha256_file(path))
+    stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    card.update(file=path.name, file_size=path.stat().st_size, sha256=sha256_file(path), dtype=",".join(stored))
     atomic_write_json(path.with_suffix(".json"), card, indent=2)
     return card
 

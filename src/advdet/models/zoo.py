@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from advdet.data.shapes import SHAPE_CLASSES
@@ -27,6 +28,9 @@ from advdet.models.weights import CheckpointError, load_weights, read_card
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo_weights"
 ZOO_INPUT_SIZE = 256  # every zoo detector takes the same letterboxed input, so one image feeds all
+#: shipped weights are stored in float16 (half the bytes; the zoo must stay under 60 MB) and loaded into
+#: float32 models; cards are measured with the weights rounded to float16, i.e. on the stored file
+ZOO_STORAGE_DTYPE = torch.float16
 
 
 @dataclass

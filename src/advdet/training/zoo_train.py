@@ -13,8 +13,8 @@ from advdet import __version__
 from advdet.data.registry import build_dataset
 from advdet.data.shapes import advdet_home
 from advdet.models.evaluate import evaluate_detector
-from advdet.models.weights import CheckpointError, save_weights
-from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, zoo_entry
+from advdet.models.weights import CheckpointError, read_card, round_to_dtype, save_weights
+from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, ZOO_STORAGE_DTYPE, build_model, zoo_entry
 from advdet.training.standard import TrainConfig, train_detector
 from advdet.training.tensor_cache import TensorCache
 
@@ -65,13 +65,8 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
     if not summary["finished"]:
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
-    val_ds = build_dataset("shapes-val", size=ZOO_INPUT_SIZE)
-    if entry.kind == "classifier":
-        from advdet.models.classifier import classifier_accuracy
-
-        metrics = classifier_accuracy(model, val_ds, limit=eval_limit)
-    else:
-        metrics = evaluate_detector(model, val_ds, limit=eval_limit)
+    round_to_dtype(model, ZOO_STORAGE_DTYPE)  # the card describes the stored (float16) weights
+    metrics = _shapes_val_metrics(model, entry.kind, eval_limit)
     command = f"advdet zoo train {name}" + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items())
     card = {
         "name": name, "family": entry.family, "kind": entry.kind, "description": entry.description,
@@ -80,11 +75,43 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         "recipe": cfg.as_dict(), "command": command, "seed": cfg.seed, "epochs": cfg.epochs,
         "iterations": summary["iterations"], "finished": summary["finished"],
         "training_seconds": summary["seconds"], "train_images_per_second": summary["images_per_second"],
-        "shapes_val": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+        "shapes_val": metrics,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
         "advdet_version": __version__,
     }
     if method_cfg is not None:
         card.update(method=entry.method, init=entry.init,
                     method_config=step_fn.config() if step_fn is not None else method_cfg.as_dict())
-    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card)
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
+
+
+def _shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> dict:
+    val_ds = build_dataset("shapes-val", size=ZOO_INPUT_SIZE)
+    if kind == "classifier":
+        from advdet.models.classifier import classifier_accuracy
+
+        metrics = classifier_accuracy(model, val_ds, limit=limit)
+    else:
+        metrics = evaluate_detector(model, val_ds, limit=limit)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def compact_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, eval_limit: int | None = None) -> dict:
+    """Rewrite the shipped weights of zoo entry ``name`` in ``ZOO_STORAGE_DTYPE`` and re-measure its card.
+
+    For entries trained before the zoo stored float16: the card keeps its recipe and training record,
+    its ``shapes_val`` becomes the metrics of the rounded weights and the old float32 metrics move to
+    ``shapes_val_float32``. Entries already stored in that dtype are returned unchanged.
+    """
+    entry = zoo_entry(name)
+    if not entry.trained:
+        raise CheckpointError(f"{entry.weights_path}: zoo entry {name!r} has no weights to compact")
+    card = read_card(entry.weights_path)
+    dtype = str(ZOO_STORAGE_DTYPE).removeprefix("torch.")
+    if card.get("dtype") == dtype:
+        return card
+    model = build_model(name)
+    round_to_dtype(model, ZOO_STORAGE_DTYPE)
+    card["shapes_val_float32"] = card.get("shapes_val")
+    card["shapes_val"] = _shapes_val_metrics(model, entry.kind, eval_limit)
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
