@@ -5,7 +5,7 @@ PYTHON ?= python3
 # uv on PATH if there is one, else the copy pip installs (run as `python3 -m uv`).
 UV ?= $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup clean
 
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -16,9 +16,6 @@ demo: setup
 
 test: setup
 	$(UV) run --frozen pytest
-
-bench: setup
-	$(UV) run --frozen python benchmarks/run_all.py
 
 clean:
 	rm -rf .venv .pytest_cache
