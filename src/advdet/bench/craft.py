@@ -49,7 +49,7 @@ from advdet import __version__
 from advdet.attacks.base import Attack, letterbox_mask
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
-from advdet.bench.runtime import jsonable, resolve_device
+from advdet.bench.runtime import jsonable, release_memory, resolve_device
 from advdet.data.coco import decode_segmentation
 from advdet.data.coco_writer import CocoWriter, encode_mask
 from advdet.data.errors import DatasetError
@@ -584,6 +584,7 @@ def craft_dataset(attack_name: str, model_name: str, data: str | os.PathLike, ou
                 record = job.craft_batch(batch[0], loaded)
                 atomic_write_json(job.part_path(batch[0]), record)
                 crafted += len(record["images"])
+                release_memory()
                 bar.advance(task, len(batch))
     crafted_all = _all_sum(crafted) if dist_on else crafted
     craft_seconds = time.perf_counter() - t_craft  # wall time of the crafting (every rank: after the gather)

@@ -61,7 +61,7 @@ from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
 from advdet.bench.loading import LoadedModel, UntrainedModelError, load_model
-from advdet.bench.runtime import resolve_device
+from advdet.bench.runtime import release_memory, resolve_device
 from advdet.data.collate import collate_detection
 from advdet.data.letterbox import LetterboxParams, letterbox_params, unletterbox_boxes
 from advdet.metrics.coco_map import coco_map
@@ -500,6 +500,8 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                 c_eval += time.process_time() - ce
                 if idx[0] < n_examples:
                     record_examples(ri, idx, clean_u8, q, params, preds, params_v)
+                del x_adv, preds
+                release_memory()
                 advance(spec.label)
             row_seconds[ri] = {"craft": t_craft, "eval": t_eval, "craft_cpu": c_craft, "eval_cpu": c_eval}
             pert[ri] = {"rmse": float(np.mean(rmse)), "linf": float(np.mean(linf)), "linf_max": float(np.max(linf))}
