@@ -19,6 +19,9 @@ def test_origin_names_the_weights_or_untrained(tmp_path):
     assert origin == str(entry.weights_path) and not model.training
     loaded = load_model("ssd_vgg", weights=entry.weights_path)
     assert loaded.origin == str(entry.weights_path) and loaded.trained
+    # the result records the sha256 of the file it loaded, the one the card states for the shipped file
+    assert loaded.info()["weights_sha256"] == entry.card["sha256"]
+    assert load_model("ssd_vgg").info()["weights_sha256"] == entry.card["sha256"]
 
 
 def test_a_zoo_model_without_weights_is_refused_unless_allowed(tmp_path, monkeypatch):
@@ -29,6 +32,7 @@ def test_a_zoo_model_without_weights_is_refused_unless_allowed(tmp_path, monkeyp
         load_model("fcos")
     loaded = load_model("fcos", allow_untrained=True)
     assert loaded.origin == "untrained" and not loaded.trained and loaded.kind == "detector"
+    assert loaded.info()["weights_sha256"] is None
 
 
 def test_a_module_passed_in_is_used_as_given():

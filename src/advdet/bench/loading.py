@@ -36,8 +36,18 @@ class LoadedModel:
     weights: str | None     # the weights file it was loaded from (None: random, or the zoo's shipped file)
 
     def info(self) -> dict:
+        """Kind, input size, masks, and which weights: ``weights`` (a given file or None) and
+        ``weights_sha256`` (of the file actually loaded, the zoo's shipped one included; None when
+        random or given as a module), so a result names the exact weights it measured."""
         return {"kind": self.kind, "input_size": self.input_size, "has_masks": self.has_masks,
-                "trained": self.trained, "weights": self.weights}
+                "trained": self.trained, "weights": self.weights, "weights_sha256": self.weights_sha256}
+
+    @property
+    def weights_sha256(self) -> str | None:
+        from advdet.models.weights import sha256_file
+
+        origin = self.origin
+        return None if origin in ("untrained", "given") else sha256_file(origin)
 
     @property
     def origin(self) -> str:

@@ -66,7 +66,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
     round_to_dtype(model, ZOO_STORAGE_DTYPE)  # the card describes the stored (float16) weights
-    metrics = _shapes_val_metrics(model, entry.kind, eval_limit)
+    metrics = shapes_val_metrics(model, entry.kind, eval_limit)
     command = f"advdet zoo train {name}" + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items())
     card = {
         "name": name, "family": entry.family, "kind": entry.kind, "description": entry.description,
@@ -85,7 +85,8 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
 
 
-def _shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> dict:
+def shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> dict:
+    """The card's ``shapes_val`` numbers: box (and mask) COCO mAP of a detector, top-1 of the classifier."""
     val_ds = build_dataset("shapes-val", size=ZOO_INPUT_SIZE)
     if kind == "classifier":
         from advdet.models.classifier import classifier_accuracy
@@ -113,5 +114,5 @@ def compact_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, ev
     model = build_model(name)
     round_to_dtype(model, ZOO_STORAGE_DTYPE)
     card["shapes_val_float32"] = card.get("shapes_val")
-    card["shapes_val"] = _shapes_val_metrics(model, entry.kind, eval_limit)
+    card["shapes_val"] = shapes_val_metrics(model, entry.kind, eval_limit)
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
