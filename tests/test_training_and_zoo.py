@@ -150,6 +150,12 @@ def test_zoo_list_json():
     rows = json.loads(res.output)
     assert {r["name"] for r in rows} >= {"ssd_vgg", "yolov3"}
     assert all(r["input_size"] == 256 and r["parameters"] > 1e5 for r in rows)
+    # the table, piped (not a terminal): full names, and the total of the shipped files
+    res = CliRunner().invoke(app, ["zoo", "list"])
+    assert res.exit_code == 0, res.output
+    assert all(f" {r['name']} " in res.output for r in rows)
+    total = sum(r["file_size"] or 0 for r in rows) / 1e6
+    assert f"shipped weights: {total:.1f} MB in all" in res.output
 
 
 def test_eval_cli_on_a_tiny_dataset(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from advdet.cli.app import console, parse_overrides, zoo_app
@@ -33,7 +34,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         return
     table = Table(title="advdet zoo (trained on shapes-train, evaluated on shapes-val)")
     for col in ("name", "family", "params", "input", "classes", "mAP", "mAP50", "mAP75", "top-1", "size"):
-        table.add_column(col, justify="left" if col in ("name", "family") else "right")
+        table.add_column(col, justify="left" if col in ("name", "family") else "right", no_wrap=True)
 
     def f(v):
         return "-" if v is None else f"{v:.3f}"
@@ -42,7 +43,11 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         size = "not trained" if r["file_size"] is None else f"{r['file_size'] / 1e6:.1f} MB"
         table.add_row(r["name"], r["family"], f"{r['parameters'] / 1e6:.2f}M", str(r["input_size"]),
                       str(r["classes"]), f(r["map"]), f(r["map50"]), f(r["map75"]), f(r["top1"]), size)
-    console.print(table)
+    total = sum(r["file_size"] or 0 for r in rows)
+    table.caption = f"shipped weights: {total / 1e6:.1f} MB in all"
+    # the table needs about 110 columns; piped output (rich assumes 80 there) gets them instead of
+    # truncated names
+    (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
 
 
 @zoo_app.command("train")
