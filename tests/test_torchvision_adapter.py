@@ -26,6 +26,8 @@ K = 3
 # post-processing paths produce detections, which the tests assert.
 BUILDERS = {
     "retinanet": lambda: retinanet_tiny(num_classes=K, input_size=S, score_thresh=0.005),
+    "retinanet_v1_head": lambda: retinanet_tiny(num_classes=K, input_size=S, score_thresh=0.005,
+                                                group_norm_head=False),
     "fcos": lambda: fcos_tiny(num_classes=K, input_size=S, score_thresh=0.05),
     "fasterrcnn": lambda: fasterrcnn_tiny(num_classes=K, input_size=S),
     "maskrcnn": lambda: maskrcnn_tiny(num_classes=K, input_size=S),

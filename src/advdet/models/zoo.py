@@ -86,7 +86,7 @@ def _register_defaults() -> None:
         register(ZooEntry(
             "yolov3", "yolov3", lambda: yolov3.yolov3_small(num_classes=k, input_size=ZOO_INPUT_SIZE),
             "small YOLOv3-style detector (Darknet-53 layout, reduced width and depth), RAD's surrogate",
-            recipe=dict(epochs=24, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4,
+            recipe=dict(epochs=16, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4,
                         warmup_iters=300)))
     try:
         from advdet.models import torchvision_adapter as tva
