@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import typer
 from rich.console import Console
@@ -23,6 +24,10 @@ analyze_app = typer.Typer(help="Analyses of RobustDet section 3.2 (loss change, 
                           "confidence).", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # piped output (logs, CI, `| tee`): rich would assume 80 columns and truncate the names in the
+    # benchmark and zoo tables; they need about 110-130
+    console.width = max(console.width, 140)
 
 
 def _version(value: bool) -> None:

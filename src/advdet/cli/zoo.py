@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from advdet.cli.app import console, parse_overrides, zoo_app
@@ -45,9 +44,7 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
                       str(r["classes"]), f(r["map"]), f(r["map50"]), f(r["map75"]), f(r["top1"]), size)
     total = sum(r["file_size"] or 0 for r in rows)
     table.caption = f"shipped weights: {total / 1e6:.1f} MB in all"
-    # the table needs about 110 columns; piped output (rich assumes 80 there) gets them instead of
-    # truncated names
-    (console if console.is_terminal else Console(width=max(console.width, 120))).print(table)
+    console.print(table)
 
 
 @zoo_app.command("train")
