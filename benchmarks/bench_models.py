@@ -97,7 +97,8 @@ def main() -> None:
         print(f"{r['name']:<42} {r['parameters'] / 1e6:6.2f}M params  {r['input_size']} px  "
               f"forward {r['forward_ms_per_image']:8.1f} ms/img  fwd+bwd {r['fwd_bwd_ms_per_image']:8.1f} ms/img",
               flush=True)
-    out = {"device": str(dev), "threads": torch.get_num_threads(), "batch": args.batch, "rows": rows}
+    out = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -54,12 +54,13 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
               run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default $ADVDET_HOME/runs/NAME)."),
               resume: bool = typer.Option(False, help="Continue from the last checkpoint."),
               set_: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set epochs=2."),
-              threads: Optional[int] = typer.Option(None, help="torch CPU threads.")) -> None:
+              threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+              device: str = typer.Option("cpu", help="Train on cpu or cuda (evaluation runs on the CPU).")) -> None:
     """Reproduce a zoo entry from its recipe with a fixed seed (train, evaluate, write weights + card)."""
     from advdet.training.zoo_train import train_zoo_model
 
     card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=parse_overrides(set_),
-                           threads=threads)
+                           threads=threads, device=device)
     v = card["shapes_val"]
     score = (f"top-1 {v['top1']:.3f}" if "top1" in v else
              f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")

@@ -198,6 +198,8 @@ def train_detector(detector: Detector, cache: TensorCache, cfg: TrainConfig, out
     inner_step = step_fn or (lambda det, x, t: det.loss(x, t))
     runner = dist.wrap(detector, inner_step) if world > 1 else None
     device = next(detector.parameters()).device
+    if device.type == "cuda":  # images on the GPU: the augmentation then runs there, not in the loop's CPU thread
+        cache = TensorCache(cache.images.to(device), cache.boxes, cache.labels, cache.masks)
 
     def save() -> None:
         rng = torch.get_rng_state()

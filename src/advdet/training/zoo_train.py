@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
                     resume: bool = False, overrides: dict | None = None, eval_limit: int | None = None,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, device: str | torch.device | None = None) -> dict:
     """Train zoo entry ``name`` with its recipe (fields in ``overrides`` replace the recipe's).
+
+    ``device``: where to train (default cpu; "cuda" on a GPU). The weights are evaluated and written from
+    the CPU either way; a GPU run follows the same recipe and seed but not the CPU run's exact numbers.
 
     Robust entries (``entry.method`` != "standard") start from the zoo's ``entry.init`` weights (a clear
     ``CheckpointError`` when they are missing) and train with their method; their recipe mixes
@@ -60,14 +63,18 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
 
         model = prepare_model(entry.method, name, entry.init, seed=cfg.seed, cfg=method_cfg)
         step_fn = build_step_fn(entry.method, method_cfg)
+    dev = torch.device(device or "cpu")
+    model.to(dev)
     summary = train_detector(model, cache, cfg, run_dir, resume=resume, with_masks=entry.with_masks,
                              step_fn=step_fn)
     if not summary["finished"]:
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
+    model.cpu()
     round_to_dtype(model, ZOO_STORAGE_DTYPE)  # the card describes the stored (float16) weights
     metrics = shapes_val_metrics(model, entry.kind, eval_limit)
-    command = f"advdet zoo train {name}" + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items())
+    command = (f"advdet zoo train {name}" + (f" --device {dev.type}" if dev.type != "cpu" else "")
+               + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()))
     card = {
         "name": name, "family": entry.family, "kind": entry.kind, "description": entry.description,
         "architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
@@ -76,7 +83,8 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         "iterations": summary["iterations"], "finished": summary["finished"],
         "training_seconds": summary["seconds"], "train_images_per_second": summary["images_per_second"],
         "shapes_val": metrics,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}"
+                   + (f", trained on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
         "advdet_version": __version__,
     }
     if method_cfg is not None:
