@@ -7,8 +7,9 @@
 # $OUT/logs.tar.gz (one training log per entry).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-python3 -c "from advdet.data.registry import build_dataset; from advdet.training.tensor_cache import TensorCache
-TensorCache.from_dataset(build_dataset('shapes-train', size=256))"  # generate + cache once, not six times
+python3 -c "from advdet.data.registry import build_dataset; from advdet.models.zoo import ZOO_INPUT_SIZE
+from advdet.training.tensor_cache import TensorCache
+TensorCache.from_dataset(build_dataset('shapes-train', size=ZOO_INPUT_SIZE))"  # generate + cache once, not six times
 Z=/tmp/robust_zoo L=/tmp/robust_logs
 mkdir -p $Z $L
 for n in ${ENTRIES:-robustdet robustdet-cfr ssd_vgg-mtd ssd_vgg-at-cls ssd_vgg-at-loc ssd_vgg-cwat}; do
