@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from advdet.cli import app
 from advdet.models.ssd_vgg import ssd_vgg_small
-from advdet.models.weights import CheckpointError, load_weights, read_card, round_to_dtype, save_weights
+from advdet.models.weights import (CheckpointError, load_weights, load_weights_under, read_card, round_to_dtype,
+                                   save_weights)
 from advdet.models.zoo import build_model, zoo_entries, zoo_entry
 from advdet.training.augment import augment_detection
 from advdet.training.standard import TrainConfig, train_detector
@@ -131,6 +132,57 @@ def test_float16_storage_halves_the_file_and_loads_what_round_to_dtype_computes(
     assert 0 < float((after - before).abs().max()) < 1e-2  # rounded, not exact, and close
     round_to_dtype(m, torch.float16)
     assert torch.equal(m.dense(x).logits.detach(), after)  # what the card measures is what the file computes
+
+
+def test_int8_storage_quarters_the_file_and_loads_what_round_to_dtype_computes(tmp_path):
+    from advdet.models.robustdet import robustdet_small
+
+    torch.manual_seed(0)
+    m = robustdet_small(num_classes=3, input_size=64).eval()
+    half = save_weights(m, tmp_path / "half.safetensors", dtype=torch.float16)
+    q8 = save_weights(m, tmp_path / "q8.safetensors", dtype=torch.int8)
+    assert q8["dtype"] == "int8" and 0.45 < q8["file_size"] / half["file_size"] < 0.6
+    x = torch.rand(2, 3, 64, 64)
+    before = m.dense(x).logits.detach()
+    fresh = load_weights(robustdet_small(num_classes=3, input_size=64), tmp_path / "q8.safetensors").eval()
+    after = fresh.dense(x).logits.detach()
+    err = float((after - before).abs().max())
+    assert 0 < err < 0.05 * float(before.abs().max())  # rounded, not exact, and close
+    round_to_dtype(m, torch.int8)
+    assert torch.equal(m.dense(x).logits.detach(), after)  # what the card measures is what the file computes
+    # per output channel: a dynamic kernel (K, out, in, kh, kw) gets K x out scales, its bias stays float16
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "q8.safetensors"))
+    k, w = next((k, v) for k, v in raw.items() if v.ndim == 5)
+    assert w.dtype == torch.int8 and raw[k + ".int8_scale"].shape == w.shape[:2]
+    assert int(w.abs().amax(dim=(2, 3, 4)).min()) == 127  # each channel spans the full int8 range
+    assert all(v.dtype == torch.float16 for k, v in raw.items() if k.endswith(".bias"))
+
+
+def test_backbone_init_loads_only_the_backbone_and_checks_it(tmp_path):
+    from advdet.models.torchvision_adapter import fcos_tiny, retinanet_tiny
+    from advdet.training.zoo_train import BACKBONE_PREFIX
+
+    torch.manual_seed(0)
+    save_weights(fcos_tiny(num_classes=3, input_size=64), tmp_path / "fcos.safetensors")
+    src = fcos_tiny(num_classes=3, input_size=64)
+    load_weights(src, tmp_path / "fcos.safetensors")
+    retina = retinanet_tiny(num_classes=3, input_size=64)
+    head_before = {k: v.clone() for k, v in retina.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+    keys = load_weights_under(retina, tmp_path / "fcos.safetensors", BACKBONE_PREFIX)
+    assert len(keys) > 50 and all(k.startswith("model.backbone.") for k in keys)
+    for k in keys:
+        assert torch.equal(retina.state_dict()[k], src.state_dict()[k])
+    assert all(torch.equal(retina.state_dict()[k], v) for k, v in head_before.items())  # heads untouched
+    x = torch.rand(1, 3, 64, 64)  # same features from the two models' backbones
+    with torch.no_grad():
+        a, b = retina.eval().model.backbone(x), src.eval().model.backbone(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match=r"fcos.safetensors: its 'model.backbone.' part does not fit.*shape"):
+        load_weights_under(retinanet_tiny(num_classes=3, input_size=64, fpn_channels=32),
+                           tmp_path / "fcos.safetensors", BACKBONE_PREFIX)
+    assert zoo_entry("retinanet").backbone_init == "fcos" and zoo_entry("fcos").backbone_init is None
 
 
 def test_zoo_registry_names_families_and_builds():

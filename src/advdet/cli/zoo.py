@@ -75,7 +75,8 @@ def zoo_compact(names: list[str] = typer.Argument(None, help="Zoo entries (defau
                 out: Optional[Path] = typer.Option(None, help="Where to write NAME.safetensors and NAME.json "
                                                    "(default: the package's zoo_weights)."),
                 threads: Optional[int] = typer.Option(None, help="torch CPU threads.")) -> None:
-    """Store shipped float32 weights in float16 and re-measure their cards (old metrics kept as *_float32)."""
+    """Store shipped weights in their entry's storage dtype (float16; int8 for the robust entries) and
+    re-measure their cards (old metrics kept as shapes_val_OLDDTYPE)."""
     import torch
 
     from advdet.models.zoo import zoo_entries
@@ -85,7 +86,8 @@ def zoo_compact(names: list[str] = typer.Argument(None, help="Zoo entries (defau
         torch.set_num_threads(threads)
     for name in names or [e.name for e in zoo_entries() if e.trained]:
         card = compact_zoo_model(name, out_dir=out)
-        before, after = card.get("shapes_val_float32") or {}, card["shapes_val"]
+        old = card.get("compacted_from", "float32")
+        before, after = card.get(f"shapes_val_{old}") or {}, card["shapes_val"]
         key = "top1" if "top1" in after else "map50"
         console.print(f"{name}: {card['dtype']} {card['file_size'] / 1e6:.1f} MB; shapes-val {key} "
-                      f"{before.get(key, float('nan')):.4f} (float32) -> {after[key]:.4f}")
+                      f"{before.get(key, float('nan')):.4f} ({old}) -> {after[key]:.4f}")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from advdet.data.io import atomic_write_json
+from advdet.models.int8_storage import from_int8_storage, is_int8_storage, round_to_int8_storage, to_int8_storage
 
 
 class CheckpointError(ValueError):
@@ -32,8 +33,10 @@ def round_to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     The model keeps its own dtype; afterwards it computes exactly what it will compute once its weights
     are saved with ``save_weights(..., dtype=dtype)`` and loaded back, so a card measured after this
-    call describes the stored file.
+    call describes the stored file. ``torch.int8``: the int8 storage of :mod:`advdet.models.int8_storage`.
     """
+    if dtype == torch.int8:
+        return round_to_int8_storage(model)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_floating_point():
@@ -46,32 +49,38 @@ def save_weights(model: nn.Module, path: str | os.PathLike, card: dict | None = 
     """Save ``model.state_dict()`` to ``path`` (.safetensors) and its card to the same name with .json.
 
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors in that type (half the bytes); loading
-    casts them back to the model's dtype. The card gets ``file_size``, ``sha256`` and ``dtype`` of the
-    weights. Both files are written atomically.
+    casts them back to the model's dtype. ``torch.int8`` stores conv and linear weights as int8 with
+    per-channel scales and the rest in float16 (:mod:`advdet.models.int8_storage`, a quarter of the bytes).
+    The card gets ``file_size``, ``sha256`` and ``dtype`` of the weights. Both files are written atomically.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if dtype is not None:
+    if dtype == torch.int8:
+        state = to_int8_storage(state)
+    elif dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     card = dict(card or {})
     stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
-    card.update(file=path.name, file_size=path.stat().st_size, sha256=sha256_file(path), dtype=",".join(stored))
+    card.update(file=path.name, file_size=path.stat().st_size, sha256=sha256_file(path),
+                dtype="int8" if dtype == torch.int8 else ",".join(stored))
     atomic_write_json(path.with_suffix(".json"), card, indent=2)
     return card
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, or a torch state dict with ``weights_only=True``; clear errors."""
+    """Read a safetensors file (int8 storage is dequantized to float32), or a torch state dict with
+    ``weights_only=True``; clear errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            state = load_file(str(path))
+            return from_int8_storage(state) if is_int8_storage(state) else state
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated weights file ({err})") from None
@@ -108,6 +117,25 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                               f"count?): " + "; ".join(problems))
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def load_weights_under(model: nn.Module, path: str | os.PathLike, prefix: str) -> list[str]:
+    """Load only the tensors of ``path`` whose keys start with ``prefix`` (e.g. ``"model.backbone."``: a
+    pretrained backbone). Every model key under ``prefix`` must be in the file with the same shape, else
+    ``CheckpointError`` names the file and the first problems. Returns the loaded keys."""
+    state = read_state_dict(path)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    if not own:
+        raise CheckpointError(f"{path}: {type(model).__name__} has no parameters under {prefix!r}")
+    missing = [k for k in own if k not in state]
+    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or shape_bad:
+        raise CheckpointError(f"{path}: its {prefix!r} part does not fit {type(model).__name__}: "
+                              f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(shape_bad)} shape "
+                              f"mismatches (e.g. {shape_bad[:3]})")
+    model.load_state_dict({k: state[k] for k in own}, strict=False)
+    return list(own)
 
 
 def read_card(path: str | os.PathLike) -> dict:

@@ -13,12 +13,15 @@ from advdet import __version__
 from advdet.data.registry import build_dataset
 from advdet.data.shapes import advdet_home
 from advdet.models.evaluate import evaluate_detector
-from advdet.models.weights import CheckpointError, read_card, round_to_dtype, save_weights
-from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, ZOO_STORAGE_DTYPE, build_model, zoo_entry
+from advdet.models.weights import CheckpointError, load_weights_under, read_card, round_to_dtype, save_weights
+from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, build_model, zoo_entry
 from advdet.training.standard import TrainConfig, train_detector
 from advdet.training.tensor_cache import TensorCache
 
 log = logging.getLogger(__name__)
+
+#: the state-dict prefix of a torchvision family's backbone + FPN (what ``ZooEntry.backbone_init`` loads)
+BACKBONE_PREFIX = "model.backbone."
 
 
 def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
@@ -31,8 +34,9 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
 
     Robust entries (``entry.method`` != "standard") start from the zoo's ``entry.init`` weights (a clear
     ``CheckpointError`` when they are missing) and train with their method; their recipe mixes
-    ``TrainConfig`` and ``MethodConfig`` fields. Checkpoints go to ``run_dir`` (default
-    $ADVDET_HOME/runs/NAME, outside the work tree so a later session can ``resume``); when training
+    ``TrainConfig`` and ``MethodConfig`` fields. Entries with ``entry.backbone_init`` start their backbone +
+    FPN from that zoo entry's weights (the card records its name and sha256). Checkpoints go to ``run_dir``
+    (default $ADVDET_HOME/runs/NAME, outside the work tree so a later session can ``resume``); when training
     finishes the weights and card are written to ``out_dir`` (default: the package's zoo_weights
     folder). Returns the card.
     """
@@ -47,17 +51,18 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
 
         cfg, method_cfg = split_recipe({**entry.recipe, **(overrides or {})})
     run_dir = Path(run_dir or advdet_home() / "runs" / name)
-    if entry.init:  # robust models fine-tune the zoo's clean model: fail early and clearly without it
-        init_entry = zoo_entry(entry.init)
-        if not init_entry.trained:
-            raise CheckpointError(f"{init_entry.weights_path}: {name!r} starts from the zoo's {entry.init!r} "
-                                  f"weights, which are missing; train them first with "
-                                  f"`advdet zoo train {entry.init}`")
+    for start in (entry.init, entry.backbone_init):  # fail early and clearly when a starting point is missing
+        if start and not zoo_entry(start).trained:
+            raise CheckpointError(f"{zoo_entry(start).weights_path}: {name!r} starts from the zoo's {start!r} "
+                                  f"weights, which are missing; train them first with `advdet zoo train {start}`")
     train_ds = build_dataset("shapes-train", size=ZOO_INPUT_SIZE)
     cache = TensorCache.from_dataset(train_ds, with_masks=entry.with_masks)
     if method_cfg is None:
         model = entry.builder()
         step_fn = None
+        if entry.backbone_init:
+            keys = load_weights_under(model, zoo_entry(entry.backbone_init).weights_path, BACKBONE_PREFIX)
+            log.info("%s: %d backbone tensors from the zoo's %s", name, len(keys), entry.backbone_init)
     else:
         from advdet.training.methods import build_step_fn, prepare_model
 
@@ -71,7 +76,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", name,
                     summary["iterations"], summary["total_iterations"])
     model.cpu()
-    round_to_dtype(model, ZOO_STORAGE_DTYPE)  # the card describes the stored (float16) weights
+    round_to_dtype(model, entry.storage_dtype)  # the card describes the stored (float16 / int8) weights
     metrics = shapes_val_metrics(model, entry.kind, eval_limit)
     command = (f"advdet zoo train {name}" + (f" --device {dev.type}" if dev.type != "cpu" else "")
                + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()))
@@ -87,10 +92,13 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
                    + (f", trained on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
         "advdet_version": __version__,
     }
+    if entry.backbone_init:
+        init_card = zoo_entry(entry.backbone_init).card
+        card.update(backbone_init=entry.backbone_init, backbone_init_sha256=init_card.get("sha256"))
     if method_cfg is not None:
         card.update(method=entry.method, init=entry.init,
                     method_config=step_fn.config() if step_fn is not None else method_cfg.as_dict())
-    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=entry.storage_dtype)
 
 
 def shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> dict:
@@ -106,21 +114,24 @@ def shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> 
 
 
 def compact_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, eval_limit: int | None = None) -> dict:
-    """Rewrite the shipped weights of zoo entry ``name`` in ``ZOO_STORAGE_DTYPE`` and re-measure its card.
+    """Rewrite the shipped weights of zoo entry ``name`` in its ``storage_dtype`` and re-measure its card.
 
-    For entries trained before the zoo stored float16: the card keeps its recipe and training record,
-    its ``shapes_val`` becomes the metrics of the rounded weights and the old float32 metrics move to
-    ``shapes_val_float32``. Entries already stored in that dtype are returned unchanged.
+    For entries stored before in a wider type (float32, or float16 for the int8 robust entries): the card
+    keeps its recipe and training record, its ``shapes_val`` becomes the metrics of the rounded weights and
+    the old metrics move to ``shapes_val_OLDDTYPE`` (``compacted_from`` names it). Entries already stored
+    in their dtype are returned unchanged.
     """
     entry = zoo_entry(name)
     if not entry.trained:
         raise CheckpointError(f"{entry.weights_path}: zoo entry {name!r} has no weights to compact")
     card = read_card(entry.weights_path)
-    dtype = str(ZOO_STORAGE_DTYPE).removeprefix("torch.")
+    dtype = str(entry.storage_dtype).removeprefix("torch.")
     if card.get("dtype") == dtype:
         return card
+    old = card.get("dtype") or "float32"
     model = build_model(name)
-    round_to_dtype(model, ZOO_STORAGE_DTYPE)
-    card["shapes_val_float32"] = card.get("shapes_val")
+    round_to_dtype(model, entry.storage_dtype)
+    card[f"shapes_val_{old}"] = card.get("shapes_val")
+    card["compacted_from"] = old
     card["shapes_val"] = shapes_val_metrics(model, entry.kind, eval_limit)
-    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=ZOO_STORAGE_DTYPE)
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=entry.storage_dtype)
