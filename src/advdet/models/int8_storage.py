@@ -53,10 +53,6 @@ def to_int8_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def is_int8_storage(state: dict[str, torch.Tensor]) -> bool:
-    return any(k.endswith(SCALE_SUFFIX) for k in state)
-
-
 def from_int8_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo :func:`to_int8_storage`: quantized weights come back as float32 ``q * scale``."""
     out = {}
@@ -70,10 +66,10 @@ def from_int8_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def round_to_int8_storage(module: torch.nn.Module) -> torch.nn.Module:
     """Round ``module``'s weights in place to what int8 storage gives back (its dtype stays)."""
+    state = module.state_dict(keep_vars=True)
+    stored = from_int8_storage(to_int8_storage({k: t.detach() for k, t in state.items()}))
     with torch.no_grad():
-        for k, t in module.state_dict(keep_vars=True).items():
-            if is_quantized_weight(k, t):
-                t.copy_(dequantize_int8(*quantize_int8(t)))
-            elif t.is_floating_point():
-                t.copy_(t.to(torch.float16))
+        for k, t in state.items():
+            if t.is_floating_point():
+                t.copy_(stored[k])
     return module

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from advdet.data.io import atomic_write_json
-from advdet.models.int8_storage import from_int8_storage, is_int8_storage, round_to_int8_storage, to_int8_storage
+from advdet.models.int8_storage import from_int8_storage, round_to_int8_storage, to_int8_storage
 
 
 class CheckpointError(ValueError):
@@ -79,8 +79,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            state = load_file(str(path))
-            return from_int8_storage(state) if is_int8_storage(state) else state
+            return from_int8_storage(load_file(str(path)))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated weights file ({err})") from None
@@ -93,6 +92,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _fit_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """The model keys missing from ``state`` and the shape mismatches (``"key: file (..) vs model (..)"``)."""
+    missing = [k for k in own if k not in state]
+    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, shape_bad
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load weights into ``model``, checking keys and shapes first.
 
@@ -101,10 +108,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing, shape_bad = _fit_problems(own, state)
     unexpected = [k for k in state if k not in own]
-    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     problems = []
     if strict and missing:
         problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
@@ -127,9 +132,7 @@ def load_weights_under(model: nn.Module, path: str | os.PathLike, prefix: str) -
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     if not own:
         raise CheckpointError(f"{path}: {type(model).__name__} has no parameters under {prefix!r}")
-    missing = [k for k in own if k not in state]
-    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing, shape_bad = _fit_problems(own, state)
     if missing or shape_bad:
         raise CheckpointError(f"{path}: its {prefix!r} part does not fit {type(model).__name__}: "
                               f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(shape_bad)} shape "
