@@ -31,7 +31,14 @@ Update rules (``update=``):
 - ``"sign"``: PGD, ``x <- x + step * sign(g)``;
 - ``"mean_abs"``: RAD eq. 5, ``d = g / mean|g|`` (mean over the C*H*W values of the image),
   ``x <- x + step * d`` (for an objective to ascend; RAD's ``x - alpha * d`` of a loss to descend);
-- ``"linf"``: DAG, ``x <- x + step * g / max|g|``.
+- ``"linf"``: DAG, ``x <- x + step * g / max|g|``;
+- ``"term_mean_abs"``: RAD's reference code (``utils.build_direction`` + ``calculate_direction``): every
+  gradient term (each SI / DI copy, or the one gradient without input transforms) is divided by its
+  own mean |g| *before* the average, and the average is the step direction **as it is** (not
+  normalised again), so a step is shorter than ``step`` wherever the terms disagree.
+
+``filter_terms=True`` (RAD's reference code): gradient filters (TI) act on every gradient term before its
+normalisation instead of once on the average.
 
 Extension point (how RAD and every attack here are written)
 -----------------------------------------------------------
@@ -92,7 +99,7 @@ from advdet.attacks.transforms import GradientTransform, per_image_mean_abs
 
 log = logging.getLogger(__name__)
 
-UPDATE_RULES = ("sign", "mean_abs", "linf")
+UPDATE_RULES = ("sign", "mean_abs", "linf", "term_mean_abs")
 
 GradFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -145,10 +152,31 @@ def direction(g: torch.Tensor, rule: str) -> torch.Tensor:
         return g.sign()
     if rule == "mean_abs":
         return g / per_image_mean_abs(g).clamp_min(torch.finfo(g.dtype).tiny)
+    if rule == "term_mean_abs":  # the terms were normalised one by one in Attack.gradient
+        return g
     if rule == "linf":
         m = g.flatten(1).abs().amax(1).view(-1, *([1] * (g.ndim - 1)))
         return g / m.clamp_min(torch.finfo(g.dtype).tiny)
     raise ValueError(f"unknown update rule {rule!r}; choose one of {UPDATE_RULES}")
+
+
+class _TermNormalizer:
+    """g / mean|g| per image (the per-term normalisation of ``update="term_mean_abs"``)."""
+
+    @staticmethod
+    def process(g: torch.Tensor) -> torch.Tensor:
+        return direction(g, "mean_abs")
+
+
+def _compose(fn: GradFn, processors: Sequence[Any]) -> GradFn:
+    """``fn`` followed by each processor's ``process``, in order."""
+    def composed(xi: torch.Tensor) -> torch.Tensor:
+        g = fn(xi)
+        for p in processors:
+            g = p.process(g)
+        return g
+
+    return composed
 
 
 class Attack:
@@ -159,12 +187,15 @@ class Attack:
         eps: Linf budget in 0-255 units (``None``: unbounded, only [0, 1] clipping).
         step: step length in 0-255 units (alpha).
         steps: number of iterations.
-        update: ``"sign"``, ``"mean_abs"`` (RAD eq. 5) or ``"linf"`` (DAG).
+        update: ``"sign"``, ``"mean_abs"`` (RAD eq. 5), ``"linf"`` (DAG) or ``"term_mean_abs"`` (RAD's
+            code: each term normalised, the average used as it is).
         random_start: start from a uniform point of the eps ball (needs ``eps``).
         valid_only: change only the non-padding pixels (see module doc for the mask).
         transforms: gradient transforms (``SI()``, ``DI()``, ``TI()``, ``MI()``), stackable; input
             transforms (SI, DI) nest in list order (first = outermost), then gradient filters (TI), then
             momentum (MI), whatever their order in the list.
+        filter_terms: apply gradient filters (TI) to every gradient term before its normalisation (RAD's
+            code) instead of once to the average.
         seed: seed of ``self.generator``.
         device: run on this device (``None``: the model's device, else the input's).
     """
@@ -175,7 +206,7 @@ class Attack:
     def __init__(self, model: nn.Module, *, eps: float | None = 8.0, step: float = 2.0, steps: int = 10,
                  update: str = "sign", random_start: bool = False, valid_only: bool = False,
                  transforms: Sequence[GradientTransform] = (), seed: int = 0,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, filter_terms: bool = False):
         if update not in UPDATE_RULES:
             raise ValueError(f"{type(self).__name__}: unknown update rule {update!r}; choose one of {UPDATE_RULES}")
         if eps is not None and eps < 0:
@@ -195,6 +226,7 @@ class Attack:
         self.random_start = bool(random_start)
         self.valid_only = bool(valid_only)
         self.transforms = list(transforms)
+        self.filter_terms = bool(filter_terms)
         self.seed = int(seed)
         self.device = None if device is None else torch.device(device)
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -344,13 +376,21 @@ class Attack:
                  objective: Callable[[torch.Tensor, dict], torch.Tensor] | None = None,
                  transforms: Sequence[GradientTransform] | None = None) -> torch.Tensor:
         """The transformed gradient at ``x_adv``: input transforms (SI, DI) nested in list order, then
-        gradient filters (TI), then momentum (MI)."""
+        gradient filters (TI), then momentum (MI). With ``filter_terms`` the filters act on every term
+        before the input transforms average them; with ``update="term_mean_abs"`` every term is
+        normalised by its mean |g| before the average (RAD's code)."""
         transforms = self.transforms if transforms is None else transforms
+        filters = [t for t in transforms if t.stage == 1]
         fn: GradFn = lambda xi: self.raw_gradient(xi, state, objective)  # noqa: E731
+        if self.filter_terms and filters:
+            fn = _compose(fn, filters)
+            filters = []
+        if self.update == "term_mean_abs":
+            fn = _compose(fn, [_TermNormalizer()])
         for tr in reversed([t for t in transforms if t.stage == 0]):
             fn = tr.wrap(fn, self.generator)
         g = fn(x_adv)
-        for tr in sorted((t for t in transforms if t.stage > 0), key=lambda t: t.stage):
+        for tr in filters + [t for t in transforms if t.stage == 2]:
             g = tr.process(g)
         return g
 

@@ -234,6 +234,19 @@ def _uses_objectness(detector: Detector, dense: DenseOutput, cls_node: ClsNode) 
     return dense.objectness is not None and str(getattr(detector, "family", "")).startswith("yolo")
 
 
+def reference_rank_column(detector: Detector, dense: DenseOutput, ov: OutputVector, cls_node: ClsNode = "auto") -> int:
+    """The output-vector column RAD's code ranks its top-3000 boxes by (``attack_dimension``): the
+    objectness for objectness nodes (YOLOv3: column 4), else the first foreground class (RetinaNet: 0)."""
+    if _uses_objectness(detector, dense, cls_node):
+        return ov.obj
+    return ov.cls + (1 if ov.score_mode == "softmax_bg" else 0)
+
+
+def foreground_columns(ov: OutputVector) -> slice:
+    """The class columns of the output vector without the background column of softmax families."""
+    return slice(ov.cls + (1 if ov.score_mode == "softmax_bg" else 0), ov.width)
+
+
 def candidate_scores(detector: Detector, dense: DenseOutput, cls_node: ClsNode = "auto"):
     """Per candidate (B, N): ranking confidence, the pre-softmax value of its cls node, its argmax
     foreground class; invalid candidates get -inf confidence."""

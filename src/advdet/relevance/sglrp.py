@@ -38,13 +38,16 @@ Variant = Literal["paper", "rad_code"]
 @dataclass
 class RelevanceResult:
     """``map`` (B, H, W) relevance summed over channels; ``per_channel`` (B, 3, H, W); ``nodes`` the target
-    set T; ``dense`` the detector's dense output at x (detached); ``stats`` what the LRP trace met."""
+    set T; ``dense`` the detector's dense output at x (detached); ``stats`` what the LRP trace met;
+    ``outputs`` the output vector o at x before the ReLU (with ``create_graph=True`` attached to the plain
+    pass, so that a loss on the outputs can share the map's forward pass, as RAD's second term does)."""
 
     map: torch.Tensor
     per_channel: torch.Tensor
     nodes: NodeSet
     dense: DenseOutput
     stats: object = None
+    outputs: OutputVector | None = None
 
 
 # ---------------------------------------------------------------------------------------------- initial relevance
@@ -102,8 +105,8 @@ def trace(detector: Detector, x: torch.Tensor, rules: LRPRules = LRPRules(), exa
     return _Trace(tr.xr, tr.out, tr.out_true, tr.ctx)
 
 
-def _result(per_channel: torch.Tensor, nodes: NodeSet, tr: _Trace) -> RelevanceResult:
-    return RelevanceResult(per_channel.sum(1), per_channel, nodes, tr.dense_true.detach(), tr.ctx.stats)
+def _result(per_channel: torch.Tensor, nodes: NodeSet, tr: _Trace, ov: OutputVector | None = None) -> RelevanceResult:
+    return RelevanceResult(per_channel.sum(1), per_channel, nodes, tr.dense_true.detach(), tr.ctx.stats, ov)
 
 
 @dataclass
@@ -192,7 +195,7 @@ def relevance_map(detector: Detector, x: torch.Tensor, nodes: NodeSelection | No
     else:
         node_set = select_nodes(detector, tr.dense_true, ov, sel)
     pc = _combine(tr, out, node_set.mask, variant, create_graph, retain=False)
-    return _result(pc, node_set, tr)
+    return _result(pc, node_set, tr, ov if create_graph else None)
 
 
 @torch.enable_grad()  # the maps are gradients: they work inside torch.no_grad() too
