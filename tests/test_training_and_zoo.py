@@ -182,7 +182,7 @@ def test_backbone_init_loads_only_the_backbone_and_checks_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"fcos.safetensors: its 'model.backbone.' part does not fit.*shape"):
         load_weights_under(retinanet_tiny(num_classes=3, input_size=64, fpn_channels=32),
                            tmp_path / "fcos.safetensors", BACKBONE_PREFIX)
-    assert zoo_entry("retinanet").backbone_init == "fcos" and zoo_entry("fcos").backbone_init is None
+    assert zoo_entry("retinanet").backbone_init == zoo_entry("fcos").backbone_init == "resnet_pre"
 
 
 def test_zoo_registry_names_families_and_builds():
@@ -201,7 +201,8 @@ def test_zoo_list_json():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert {r["name"] for r in rows} >= {"ssd_vgg", "yolov3"}
-    assert all(r["input_size"] == 256 and r["parameters"] > 1e5 for r in rows)
+    assert all(r["input_size"] == 256 and r["parameters"] > 1e5 for r in rows if r["kind"] != "backbone")
+    assert all(r["input_size"] == 96 for r in rows if r["kind"] == "backbone")
     # the table, piped (not a terminal): full names, and the total of the shipped files
     res = CliRunner().invoke(app, ["zoo", "list"])
     assert res.exit_code == 0, res.output

@@ -23,9 +23,10 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
         params = card.get("parameters")
         if params is None:
             params = sum(p.numel() for p in e.builder().parameters())
-        val = card.get("shapes_val", {})
+        val = card.get("shapes_val") or card.get("procedural_val") or {}
+        default_size = e.data["size"] if e.data else ZOO_INPUT_SIZE
         rows.append({"name": e.name, "family": e.family, "kind": e.kind, "parameters": params, "top1": val.get("top1"),
-                     "input_size": card.get("input_size", ZOO_INPUT_SIZE), "classes": card.get("num_classes", 8),
+                     "input_size": card.get("input_size", default_size), "classes": card.get("num_classes", 8),
                      "map": val.get("map"), "map50": val.get("map50"), "map75": val.get("map75"),
                      "file_size": card.get("file_size"), "trained": e.trained})
     if as_json:
@@ -61,8 +62,8 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
 
     card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=parse_overrides(set_),
                            threads=threads, device=device)
-    v = card["shapes_val"]
-    score = (f"top-1 {v['top1']:.3f}" if "top1" in v else
+    v = card.get("shapes_val") or card.get("procedural_val")
+    score = (f"top-1 {v['top1']:.3f}" + (" (procedural-val)" if "procedural_val" in card else "") if "top1" in v else
              f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")
     console.print(f"{name}: shapes-val {score}; {card['training_seconds']:.0f} s training; "
                   f"weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")

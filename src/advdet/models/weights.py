@@ -124,11 +124,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     return model
 
 
-def load_weights_under(model: nn.Module, path: str | os.PathLike, prefix: str) -> list[str]:
+def load_weights_under(model: nn.Module, path: str | os.PathLike, prefix: str, src_prefix: str | None = None
+                       ) -> list[str]:
     """Load only the tensors of ``path`` whose keys start with ``prefix`` (e.g. ``"model.backbone."``: a
-    pretrained backbone). Every model key under ``prefix`` must be in the file with the same shape, else
-    ``CheckpointError`` names the file and the first problems. Returns the loaded keys."""
+    pretrained backbone). ``src_prefix``: the file stores them under this prefix instead (e.g. a pretrained
+    classifier's ``"body."`` for a detector's ``"model.backbone.body."``). Every model key under ``prefix``
+    must be in the file with the same shape, else ``CheckpointError`` names the file and the first
+    problems. Returns the loaded (model) keys."""
     state = read_state_dict(path)
+    if src_prefix is not None and src_prefix != prefix:
+        state = {prefix + k[len(src_prefix):]: v for k, v in state.items() if k.startswith(src_prefix)}
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     if not own:
         raise CheckpointError(f"{path}: {type(model).__name__} has no parameters under {prefix!r}")

@@ -51,6 +51,8 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
 
         cfg, method_cfg = split_recipe({**entry.recipe, **(overrides or {})})
     run_dir = Path(run_dir or advdet_home() / "runs" / name)
+    if entry.kind == "backbone":
+        return _train_backbone(entry, cfg, run_dir, out_dir, resume, overrides, eval_limit, device)
     for start in (entry.init, entry.backbone_init):  # fail early and clearly when a starting point is missing
         if start and not zoo_entry(start).trained:
             raise CheckpointError(f"{zoo_entry(start).weights_path}: {name!r} starts from the zoo's {start!r} "
@@ -61,7 +63,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         model = entry.builder()
         step_fn = None
         if entry.backbone_init:
-            keys = load_weights_under(model, zoo_entry(entry.backbone_init).weights_path, BACKBONE_PREFIX)
+            keys = load_backbone_init(model, entry)
             log.info("%s: %d backbone tensors from the zoo's %s", name, len(keys), entry.backbone_init)
     else:
         from advdet.training.methods import build_step_fn, prepare_model
@@ -99,6 +101,84 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         card.update(method=entry.method, init=entry.init,
                     method_config=step_fn.config() if step_fn is not None else method_cfg.as_dict())
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=entry.storage_dtype)
+
+
+def load_backbone_init(model: torch.nn.Module, entry) -> list[str]:
+    """Fill ``model``'s backbone from the zoo entry ``entry.backbone_init`` (``entry.backbone_keys`` maps the
+    model's key prefixes to the file's; default ``model.backbone.`` from the same prefix). Returns the keys."""
+    path = zoo_entry(entry.backbone_init).weights_path
+    keys: list[str] = []
+    for prefix, src in (entry.backbone_keys or {BACKBONE_PREFIX: BACKBONE_PREFIX}).items():
+        keys += load_weights_under(model, path, prefix, src)
+    return keys
+
+
+def pretrain_split(data: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, S, S) uint8 and labels (N,) of a backbone entry's procedural ``split`` (rendered once,
+    then cached under $ADVDET_HOME/cache)."""
+    from advdet.data.procedural import procedural_tensors
+
+    per_class = data["train_per_class"] if split == "train" else data["val_per_class"]
+    return procedural_tensors(data["num_classes"], data["num_classes"] * per_class, data["size"], data["seed"], split)
+
+
+@torch.no_grad()
+def pretrain_val_metrics(model: torch.nn.Module, data: dict, limit: int | None = None, batch_size: int = 256) -> dict:
+    """Top-1 and top-5 accuracy of a backbone classifier on its procedural validation split."""
+    images, labels = pretrain_split(data, "val")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    model.eval()
+    top1 = top5 = 0
+    for i in range(0, len(images), batch_size):
+        logits = model(images[i:i + batch_size].float() / 255.0)
+        y = labels[i:i + batch_size]
+        top5_idx = logits.topk(min(5, logits.shape[1]), 1).indices
+        top1 += int((top5_idx[:, 0] == y).sum())
+        top5 += int((top5_idx == y[:, None]).any(1).sum())
+    n = max(1, len(images))
+    return {"top1": round(top1 / n, 4), "top5": round(top5 / n, 4), "images": len(images)}
+
+
+def _train_backbone(entry, cfg: TrainConfig, run_dir: Path, out_dir, resume: bool, overrides: dict | None,
+                    eval_limit: int | None, device) -> dict:
+    """Pretrain a ``kind="backbone"`` entry on its procedural set (the loop of :func:`train_detector`: the
+    same checkpoints, resume and augmentation; each image's target is one full-image box with its class)."""
+    data = entry.data
+    images, labels = pretrain_split(data, "train")
+    s = images.shape[-1]
+    full = torch.tensor([[0.0, 0.0, float(s), float(s)]])
+    cache = TensorCache(images, [full] * len(images), [labels[i:i + 1] for i in range(len(labels))])
+    model = entry.builder()
+    dev = torch.device(device or "cpu")
+    model.to(dev)
+    summary = train_detector(model, cache, cfg, run_dir, resume=resume)
+    if not summary["finished"]:
+        log.warning("%s: stopped after %d of %d iterations (max_minutes); resume with --resume", entry.name,
+                    summary["iterations"], summary["total_iterations"])
+    model.cpu()
+    round_to_dtype(model, entry.storage_dtype)
+    metrics = pretrain_val_metrics(model, data, eval_limit)
+    command = (f"advdet zoo train {entry.name}" + (f" --device {dev.type}" if dev.type != "cpu" else "")
+               + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()))
+    card = {
+        "name": entry.name, "family": entry.family, "kind": entry.kind, "description": entry.description,
+        "architecture": type(model).__name__ + "(" + type(model.body).__name__ + ")",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "body_parameters": sum(p.numel() for p in model.body.parameters()),
+        "input_size": s, "num_classes": model.num_classes,
+        "data": (f"procedural (advdet.data.procedural): {data['num_classes']} classes x {data['train_per_class']} "
+                 f"train images, {data['size']} px, seed {data['seed']}"),
+        "data_config": dict(data), "recipe": cfg.as_dict(), "command": command, "seed": cfg.seed,
+        "epochs": cfg.epochs, "iterations": summary["iterations"], "finished": summary["finished"],
+        "training_seconds": summary["seconds"], "train_images_per_second": summary["images_per_second"],
+        "history": summary["history"],
+        "procedural_val": metrics,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}"
+                   + (f", trained on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
+        "advdet_version": __version__,
+    }
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{entry.name}.safetensors", card, dtype=entry.storage_dtype)
 
 
 def shapes_val_metrics(model: torch.nn.Module, kind: str, limit: int | None) -> dict:
