@@ -39,7 +39,7 @@ FAST = {  # fewer steps than the defaults, to keep the suite fast
     "pgd": dict(steps=3), "cls": dict(steps=3), "loc": dict(steps=3), "cwa": dict(steps=3),
     "mtd": dict(steps=3), "dag": dict(steps=20, gamma=8.0), "dag-eps": dict(steps=4),
     "dfool": dict(steps=4), "loc-shift": dict(steps=4), "size": dict(steps=4),
-    "rad": dict(steps=2, transforms=[]), "dag-robustdet": dict(steps=3),
+    "rad": dict(steps=2, transforms=[]), "dag-robustdet": dict(steps=3), "ens-pgd": dict(steps=3),
 }
 DETECTOR_ATTACKS = [n for n in ATTACKS if n not in CLASSIFIER_ATTACKS and n != "gaussian"]
 

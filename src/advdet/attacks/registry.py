@@ -9,6 +9,8 @@ Names:
 - attacks on the clean detections (RAD Tables 1 and 3; eps 16, step 2, 10 steps, eq. 5):
   ``dfool``, ``loc-shift`` (RAD's "Localization"; ``loc`` is A_loc), ``size``;
 - ``gaussian``: RAD's noise ablation;
+- ``ens-pgd``: sign-PGD on an ensemble's detection losses, each member's gradient L1-normalised
+  (``attacks/ensemble.py``; its model is a ``SurrogateEnsemble``, or one detector);
 - classifier transfer baselines (RAD Table 3; eps 16, step 2, 10 steps, sign): ``cls-pgd``,
   ``cls-si-pgd``, ``cls-mi-di-pgd``, ``cls-mi-ti-pgd``.
 
@@ -25,6 +27,7 @@ from advdet.attacks.cwa import CWA
 from advdet.attacks.dag import DAG, DAGEps
 from advdet.attacks.dag_robustdet import RobustDetDAG
 from advdet.attacks.dfool import Dfool
+from advdet.attacks.ensemble import EnsemblePGD
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
@@ -62,6 +65,7 @@ for _cls in (ClassifierPGD, ClassifierSIPGD, ClassifierMIDIPGD, ClassifierMITIPG
     register_attack(_cls, classifier=True)
 register_attack(RobustDetDAG)  # DAG as RobustDet's Table 1 runs it (attacks/dag_robustdet.py)
 register_attack(RAD)  # RAD, the Relevance Attack on Detectors (attacks/rad.py)
+register_attack(EnsemblePGD)  # ensembles of surrogates (attacks/ensemble.py)
 
 
 def list_attacks() -> list[tuple[str, str]]:
