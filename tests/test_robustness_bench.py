@@ -177,6 +177,38 @@ def test_table_matches_an_independent_evaluation(toy_coco):
     assert 0.0 < ref < res["map50"]["toy"]["clean"]
 
 
+def test_bootstrap_intervals_and_paired_differences_to_the_first_model(toy_coco):
+    """The toy detector finds every square on clean images: mAP50 is 1 on every resample, so its interval
+    is [1, 1]; a weaker copy (red squares lost under A_cls) is compared with it on the same resamples."""
+    from advdet.bench.intervals import robustness_interval_table, robustness_paired_table
+
+    weak = ToyDetector()
+    with torch.no_grad():
+        weak.model.bias[1] = -2.0
+    res = robustness_table(["toy", "weak"], ["clean", "cls"], toy_coco, eps=100, steps=1, n_boot=200,
+                           detectors={"toy": ToyDetector(), "weak": weak}, progress=False)
+    ci = res["intervals"]
+    assert (ci["n_boot"], ci["images"], ci["baseline"], ci["level"]) == (200, 4, "toy", 0.95)
+    assert ci["map50"]["toy"]["clean"] == {"value": pytest.approx(1.0), "lo": pytest.approx(1.0),
+                                           "hi": pytest.approx(1.0)}
+    for m in ("toy", "weak"):
+        for a in ("clean", "cls"):
+            assert ci["map50"][m][a]["value"] == pytest.approx(res["map50"][m][a])
+    d = ci["paired"]["weak"]["cls"]
+    assert d["value"] == pytest.approx(res["map50"]["weak"]["cls"] - res["map50"]["toy"]["cls"])
+    assert d["lo"] <= d["hi"]
+    json.dumps(res)
+    cols, rows = robustness_interval_table(res)
+    assert cols == ["Method", "clean", "cls"] and rows[0][1] == "100.0 [100.0, 100.0]"
+    cols, rows = robustness_paired_table(res)
+    assert cols[0] == "Method - toy" and rows[0][0] == "weak"
+    assert robustness_table(["toy"], ["clean"], toy_coco, n_boot=0, detectors={"toy": ToyDetector()},
+                            progress=False)["intervals"] is None
+    sw = robustness_steps_sweep(["toy"], ["cls"], toy_coco, steps=[1, 2], eps=100, n_boot=50,
+                                detectors={"toy": ToyDetector()}, progress=False)
+    assert set(sw["intervals"]["map50"]["toy"]) == {"clean", "cls@1", "cls@2"}
+
+
 def test_voc07_route_on_a_voc_folder_ignores_difficult_objects(tmp_path):
     write_toy_voc(tmp_path / "VOC2007")
     res = robustness_table(["toy"], ["clean", "cls"], tmp_path, eps=100, steps=1,
@@ -311,6 +343,8 @@ def test_cli_table_sweep_json_and_report(tmp_path, toy_coco):
     assert out["weights"]["ssd_vgg"] == str(w) and out["attack_settings"]["ssd_vgg"]["dag"]["steps"] == 1
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "A_cls" in md and "Table 1" in md and (tmp_path / "rep" / "index.html").is_file()
+    assert "bootstrap intervals" in res.output and "bootstrap intervals" in md
+    assert out["intervals"]["map50"]["ssd_vgg"]["clean"]["value"] == pytest.approx(out["map50"]["ssd_vgg"]["clean"])
 
     res = runner.invoke(app, base + ["--attacks", "cls", "--steps", "1,2", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output

@@ -310,7 +310,8 @@ def test_cli_bench_transfer_end_to_end(tiny_data, tmp_path):
                                  "--no-relevance", "--json", str(out_json), "--report", str(rep),
                                  "--device", "cpu"], terminal_width=200)
     assert r.exit_code == 0, r.output
-    for word in ("No Attack", "Ablation", "dfool", "cls-pgd", "black-box mean", "not-an-attack"):
+    for word in ("No Attack", "Ablation", "dfool", "cls-pgd", "black-box mean", "not-an-attack",
+                 "95 % bootstrap intervals"):
         assert word in r.output
     res = json.loads(out_json.read_text())
     assert [row["label"] for row in res["rows"]] == [NO_ATTACK, ABLATION, "dfool", "cls-pgd"]
@@ -325,6 +326,55 @@ def test_cli_bench_transfer_end_to_end(tiny_data, tmp_path):
                                  "--victims", "ssd_vgg", "--attacks", "dfool", "--data", tiny_data, "--limit", "1"],
                            terminal_width=200)
     assert r.exit_code == 2 and "no trained weights" in r.output
+
+
+def test_bootstrap_intervals_of_every_cell_and_black_box_mean(result, tmp_path):
+    """The default run carries 95 % bootstrap intervals of mAP50 (1000 resamples): one per cell and per
+    black-box mean, centred on the table's own numbers; without a RAD row there is nothing to pair."""
+    block = result["bootstrap"]
+    assert (block["n_boot"], block["level"], block["images"], block["metric"]) == (1000, 0.95, 3, "map50")
+    assert [r["label"] for r in block["rows"]] == [r["label"] for r in result["rows"]]
+    for r, ci in zip(result["rows"], block["rows"]):
+        for v in result["victims"]:
+            m = r["metrics"][v]["map50"]
+            cell = ci["cells"][v]
+            assert cell["value"] == (None if m < 0 else pytest.approx(m))
+            if cell["value"] is not None:
+                assert cell["lo"] <= cell["hi"]
+        assert ci["black_box"]["value"] == pytest.approx(r["black_box"]["map50"])
+    assert block["paired"] == []
+    json.dumps(json_ready(result))
+    md = transfer_report(result).write(tmp_path).joinpath("report.md").read_text()
+    assert "## Transfer: box mAP50 (x100) with bootstrap intervals" in md and "1000 resamples" in md
+
+
+def test_bootstrap_paired_rows_and_off_switch(tiny_data, tiny_models, tmp_path, caplog):
+    kw = dict(models=tiny_models, limit=2, batch_size=2, attack_kwargs=FAST, progress=False, examples=0,
+              device="cpu", relevance=False)
+    res = transfer_matrix(["yolo"], ["dfool"], ["yolo", "ssd"], tiny_data, n_boot=50, boot_seed=1,
+                          paired_with="dfool", **kw)
+    # the per-image matches reproduce the evaluator's mAP50 of every cell (else a warning is logged)
+    assert "differs from the evaluator" not in caplog.text
+    block = res["bootstrap"]
+    assert block["n_boot"] == 50 and block["seed"] == 1 and block["reference"] == "dfool"
+    assert [(p["row"], p["baseline"]) for p in block["paired"]] == [("dfool", NO_ATTACK), ("dfool", ABLATION)]
+    p = block["paired"][0]
+    assert p["victims"] == ["ssd"]
+    diff = res["rows"][2]["metrics"]["ssd"]["map50"] - res["rows"][0]["metrics"]["ssd"]["map50"]
+    assert p["black_box"]["value"] == pytest.approx(diff) and p["cells"]["ssd"]["value"] == pytest.approx(diff)
+    md = transfer_report(res).write(tmp_path).joinpath("report.md").read_text()
+    assert "## Paired: dfool minus each baseline" in md
+    again = transfer_matrix(["yolo"], ["dfool"], ["yolo", "ssd"], tiny_data, n_boot=50, boot_seed=1,
+                            paired_with="dfool", **kw)
+    assert again["bootstrap"] == block  # seeded
+    # the resampled values stay with the result (not in the JSON) for statistics derived later
+    kept = res["_bootstrap_samples"]
+    assert kept["indices"].shape == (50, 2) and kept["cells"][(2, "ssd")].shape == (50,)
+    assert "_bootstrap_samples" not in json_ready(res)
+    off = transfer_matrix(["yolo"], ["dfool"], ["ssd"], tiny_data, n_boot=0, **kw)
+    assert off["bootstrap"] is None
+    md = transfer_report(off).write(tmp_path / "off").joinpath("report.md").read_text()
+    assert "bootstrap" not in md
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="malloc_trim is glibc's")

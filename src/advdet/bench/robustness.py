@@ -214,6 +214,18 @@ def _score(metric: str, ds: Any, col: _Column, ids: list[int], gts: list[dict]) 
             "ap_per_class": [None if math.isnan(a) else float(a) for a in res["ap_per_class"]]}
 
 
+def _boot_samples(metric: str, ds: Any, col: _Column, ids: list[int], gts: list[dict], indices) -> Any:
+    """mAP50 of ``col`` on every bootstrap resample ``indices`` (the same protocol as ``_score``)."""
+    from advdet.metrics.bootstrap import bootstrap_map, coco_image_matches, voc_image_matches
+
+    if metric == "coco50":
+        matches = coco_image_matches(ds.coco_gt, col.coco_results, ids)
+    else:
+        matches = voc_image_matches(gts, col.voc_dets, ds.num_classes, iou_threshold=0.5, use_07_metric=True,
+                                    pixel_offset=1.0 if _is_voc(ds) else 0.0, image_ids=ids)
+    return bootstrap_map(matches, indices)
+
+
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
     from rich.console import Console
@@ -227,9 +239,11 @@ def _progress(enabled: bool) -> Iterator[Any]:
 def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]], data: str | os.PathLike, *,
                    ann, metric: str, limit: int | None, batch_size: int, eps: float, seed: int, device,
                    weights: dict | None, allow_untrained: bool, detectors: dict | None, attack_kwargs: dict | None,
-                   voc_split: str, skip_bad: bool, progress: bool) -> dict:
+                   voc_split: str, skip_bad: bool, progress: bool, n_boot: int = 0, boot_seed: int = 0,
+                   ci_level: float = 0.95) -> dict:
     """Evaluate every model under every (key, attack, steps) of ``plan``; returns the shared result fields
-    plus ``scores`` {model: {key: score dict}}, ``seconds`` and ``attack_settings``."""
+    plus ``scores`` {model: {key: score dict}}, ``seconds``, ``attack_settings`` and, when ``n_boot``,
+    ``intervals`` (``advdet.bench.intervals.grid_intervals``: every cell on the same resamples)."""
     if not models:
         raise ValueError("no models given")
     if len(set(models)) != len(models):
@@ -248,6 +262,8 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                            "weights": {}, "scores": {}, "seconds": {}, "attack_settings": {}}
     resolved_metric = None
     n_images = None
+    boot: dict[str, dict] = {}
+    indices = None
     for mname in models:
         if mname in detectors:
             det, origin = detectors[mname], "given"
@@ -316,11 +332,23 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                     prog.advance(task)
                 start += x.shape[0]
         out["scores"][mname] = {c.key: _score(resolved_metric, ds, c, ids, gts) for c in cols}
+        if n_boot:
+            from advdet.metrics.bootstrap import resample_indices
+
+            indices = resample_indices(n, n_boot, boot_seed) if indices is None else indices
+            boot[mname] = {c.key: _boot_samples(resolved_metric, ds, c, ids, gts, indices) for c in cols}
         out["seconds"][mname] = {c.key: round(c.seconds, 3) for c in cols}
         out["attack_settings"][mname] = {c.key: c.settings for c in cols}
         log.info("%s: %s", mname, {k: v["map50"] for k, v in out["scores"][mname].items()})
     out["metric"] = resolved_metric
     out["images"] = n_images
+    out["intervals"] = None
+    if n_boot:
+        from advdet.bench.intervals import grid_intervals
+
+        points = {m: {k: v["map50"] for k, v in out["scores"][m].items()} for m in models}
+        out["intervals"] = grid_intervals(points, boot, list(models), n_images=n_images, n_boot=n_boot,
+                                          seed=boot_seed, level=ci_level)
     return out
 
 
@@ -331,7 +359,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
                      device: str | torch.device | None = None, weights: dict | None = None,
                      allow_untrained: bool = False, detectors: dict[str, Detector] | None = None,
                      attack_kwargs: dict[str, dict] | None = None, voc_split: str = "test",
-                     skip_bad: bool = False, progress: bool = True) -> dict:
+                     skip_bad: bool = False, progress: bool = True, n_boot: int = 1000, boot_seed: int = 0,
+                     ci_level: float = 0.95) -> dict:
     """RobustDet Table 1: mAP50 of every model on clean images and under every white-box attack.
 
     Args:
@@ -348,10 +377,14 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
         allow_untrained: benchmark random weights instead of refusing (tests, smoke runs).
         detectors: {model name: Detector} already built (Python API; skips loading).
         attack_kwargs: {attack: keyword overrides} passed to ``build_attack``.
+        n_boot, boot_seed, ci_level: bootstrap confidence intervals of every cell (``n_boot`` resamples of
+            the images drawn with ``boot_seed``, level ``ci_level``; 0: none).
 
     Returns a JSON-able dict: ``metric``, ``data``, ``images``, ``eps``, ``steps``, ``seed``, ``models``,
     ``attacks``, ``map50`` {model: {attack: value}}, ``seconds`` {model: {attack: s}} (attack + predict
-    wall time), ``scores`` (the metric's details), ``weights`` (origin per model), ``attack_settings``.
+    wall time), ``scores`` (the metric's details), ``weights`` (origin per model), ``attack_settings``,
+    ``intervals`` (None without ``n_boot``): ``map50`` {model: {attack: {value, lo, hi}}} and ``paired``
+    {model: {attack: interval of model - first model}}, on the same resamples.
     """
     attacks = list(attacks)
     _check_attack_names(attacks)
@@ -359,12 +392,12 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
     out = _evaluate_grid(models, plan, data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps,
                          seed=seed, device=device, weights=weights, allow_untrained=allow_untrained,
                          detectors=detectors, attack_kwargs=attack_kwargs, voc_split=voc_split,
-                         skip_bad=skip_bad, progress=progress)
+                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level)
     result = {"kind": "robustness_table", "metric": out["metric"], "data": out["data"], "images": out["images"],
               "eps": out["eps"], "steps": steps, "seed": out["seed"], "models": list(models), "attacks": attacks,
               "map50": {m: {a: out["scores"][m][a]["map50"] for a in attacks} for m in models},
               "seconds": out["seconds"], "scores": out["scores"], "weights": out["weights"],
-              "attack_settings": out["attack_settings"]}
+              "attack_settings": out["attack_settings"], "intervals": out["intervals"]}
     return result
 
 
@@ -374,14 +407,16 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
                            batch_size: int = 8, eps: float = 8.0, seed: int = 0, device=None,
                            weights: dict | None = None, allow_untrained: bool = False,
                            detectors: dict[str, Detector] | None = None, attack_kwargs: dict | None = None,
-                           voc_split: str = "test", skip_bad: bool = False, progress: bool = True) -> dict:
+                           voc_split: str = "test", skip_bad: bool = False, progress: bool = True,
+                           n_boot: int = 1000, boot_seed: int = 0, ci_level: float = 0.95) -> dict:
     """Robustness against the number of attack steps (RobustDet Fig. 7a/b: A_cls and A_loc, eps 8).
 
     Every attack of ``attacks`` (``clean`` is dropped from the sweep) runs once per step count in
     ``steps``; the clean mAP50 is measured once (``include_clean``). Returns a JSON-able dict: ``kind``
     ``"steps_sweep"``, ``metric``, ``data``, ``images``, ``eps``, ``steps`` (the list), ``models``,
     ``attacks``, ``map50`` {model: {attack: [value per step count]}}, ``clean`` {model: value},
-    ``seconds`` {model: {attack: [s per step count]}}, ``weights``.
+    ``seconds`` {model: {attack: [s per step count]}}, ``weights``, ``intervals`` (as
+    ``robustness_table``'s, keyed by ``clean`` and ``ATTACK@STEPS``; None when ``n_boot`` is 0).
     """
     steps = [int(s) for s in steps]
     if not steps or any(s < 1 for s in steps):
@@ -395,14 +430,14 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
     out = _evaluate_grid(models, plan, data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps,
                          seed=seed, device=device, weights=weights, allow_untrained=allow_untrained,
                          detectors=detectors, attack_kwargs=attack_kwargs, voc_split=voc_split,
-                         skip_bad=skip_bad, progress=progress)
+                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level)
     sc, secs = out["scores"], out["seconds"]
     return {"kind": "steps_sweep", "metric": out["metric"], "data": out["data"], "images": out["images"],
             "eps": out["eps"], "steps": steps, "seed": out["seed"], "models": list(models), "attacks": sweep,
             "map50": {m: {a: [sc[m][f"{a}@{s}"]["map50"] for s in steps] for a in sweep} for m in models},
             "clean": {m: sc[m]["clean"]["map50"] for m in models} if include_clean else None,
             "seconds": {m: {a: [secs[m][f"{a}@{s}"] for s in steps] for a in sweep} for m in models},
-            "weights": out["weights"], "attack_settings": out["attack_settings"]}
+            "weights": out["weights"], "attack_settings": out["attack_settings"], "intervals": out["intervals"]}
 
 
 # ------------------------------------------------------------------------------------ presentation
@@ -508,6 +543,7 @@ def robustness_report(result: dict, report: Any | None = None) -> Any:
             rep.add_table(f"{attack_label(a)}: mAP50 (%) against the number of steps (RobustDet Fig. 7)",
                           cols, rows, note=f"eps = {result['eps']:g}, step = eps")
         rep.add_figure("mAP50 against attack steps", sweep_figure(result))
+        _add_interval_tables(rep, result)
     else:
         cols, rows = table_rows(result)
         steps = "class defaults (PGD 20, DAG 150)" if result["steps"] is None else str(result["steps"])
@@ -517,5 +553,27 @@ def robustness_report(result: dict, report: Any | None = None) -> Any:
         rep.add_table("Seconds per model and attack (attack + prediction)",
                       ["Method"] + [attack_label(a) for a in result["attacks"]],
                       [[m] + [result["seconds"][m][a] for a in result["attacks"]] for m in result["models"]])
+        _add_interval_tables(rep, result)
         rep.add_figure("mAP50 per attack", table_figure(result))
     return rep
+
+
+def _add_interval_tables(rep: Any, result: dict) -> None:
+    """The bootstrap intervals (``advdet.bench.intervals``) of a result, when it has them."""
+    from advdet.bench import intervals as ci
+
+    block = result.get("intervals")
+    if not block:
+        return
+    note = ci.interval_note(block)
+    if result.get("kind") == "steps_sweep":
+        for a in result["attacks"]:
+            rep.add_table(f"{attack_label(a)}: mAP50 (%) with bootstrap intervals", *ci.sweep_interval_table(result, a),
+                          note=note)
+        return
+    rep.add_table("mAP50 (%) with bootstrap intervals", *ci.robustness_interval_table(result, ATTACK_LABELS),
+                  note=note)
+    paired = ci.robustness_paired_table(result, ATTACK_LABELS)
+    if paired is not None:
+        rep.add_table(f"Paired: each model minus {block['baseline']}, mAP50 (points)", *paired,
+                      note=note + "; both models on the same resamples")

@@ -273,7 +273,8 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                     models: Mapping[str, nn.Module] | None = None, skip_unavailable: bool = False,
                     score_thresh: float = DEFAULT_SCORE_THRESH, iou: float = DEFAULT_IOU,
                     examples: int = 2, relevance: bool = True, skip_bad: bool = False, use_gt: bool = False,
-                    on_progress: Callable[[str], None] | None = None) -> dict:
+                    on_progress: Callable[[str], None] | None = None, n_boot: int = 1000, boot_seed: int = 0,
+                    ci_level: float = 0.95, paired_with: str = "rad") -> dict:
     """The transfer table of RAD sec. 4 (see the module docstring).
 
     Args:
@@ -298,11 +299,15 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         relevance: compute relevance maps (before / after) on the surrogate for the grids.
         use_gt: give the attacks the ground-truth boxes and labels (default: they see only the image, as
             a transfer attacker; detection attacks then use the surrogate's clean predictions).
+        n_boot, boot_seed, ci_level: bootstrap confidence intervals of every cell's box mAP50, every
+            black-box mean and the paired differences between the ``paired_with`` attack's rows and the
+            baselines (``advdet.bench.intervals.transfer_intervals``): ``n_boot`` resamples of the images
+            (0: none), drawn with ``boot_seed``, at level ``ci_level``.
 
     Returns a JSON-ready dict (see ``json_ready``; the ``_examples`` key holds the grid images):
     ``rows`` (label, attack, kind, surrogate, settings, metrics per victim, black_box, white_box,
     perturbation, failure, seconds), ``victims``, ``surrogates``, ``models`` (their info), ``images``,
-    ``image_ids``, ``skipped`` and the settings.
+    ``image_ids``, ``skipped``, ``bootstrap`` (the intervals, None when ``n_boot`` is 0) and the settings.
     """
     from advdet.data.registry import build_dataset
 
@@ -313,6 +318,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     sizes = dict(sizes or {})
     skipped: list[str] = []
     notes: list[str] = []
+    diagnostics: dict[int, Any] = {}  # per row: the attack's own diagnostics (RAD), merged over batches
     registry = ATTACKS
 
     def say(msg: str) -> None:
@@ -474,6 +480,9 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                 atk.manual_seed(seed + idx[0])
                 tg = [{k: t[k] for k in ("boxes", "labels", "letterbox")} for t in targets] if use_gt else None
                 x_adv = atk(x.to(dev), tg, mask=mask.to(dev))
+                diag = (getattr(atk, "last_state", None) or {}).get("diagnostics")
+                if diag is not None:  # RAD's (advdet.attacks.rad.RADDiagnostics), merged over batches
+                    diagnostics[ri] = diag if ri not in diagnostics else diagnostics[ri].merge(diag)
                 q = quantize_adv(x_adv.cpu(), x, getattr(atk, "eps", None), mask=mask)
                 clean_u8 = to_uint8(x)
                 st = perturbation_stats(clean_u8, q, mask=mask)
@@ -537,8 +546,16 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         row_out.append({"label": spec.label, "attack": spec.attack, "kind": spec.kind, "surrogate": spec.surrogate,
                         "sweep": spec.sweep, "sweep_value": spec.sweep_value, "settings": settings,
                         "metrics": metrics, "black_box": black, "white_box": white, "perturbation": pert[ri],
-                        "failure": fail, "seconds": {k: round(v, 3) for k, v in row_seconds[ri].items()}})
+                        "failure": fail, "seconds": {k: round(v, 3) for k, v in row_seconds[ri].items()},
+                        "diagnostics": diagnostics[ri].as_dict() if ri in diagnostics else None})
 
+    boot, boot_samples = None, {}
+    if n_boot:
+        from advdet.bench.intervals import transfer_intervals
+
+        say(f"bootstrap: {n_boot} resamples of {n} images")
+        boot = transfer_intervals(row_out, results, gt, image_ids, victim_models, n_boot=n_boot, seed=boot_seed,
+                                  level=ci_level, reference=paired_with, samples_out=boot_samples)
     eps_out = [float(e) for e in eps] if isinstance(eps, (list, tuple)) else float(eps)
     out = {
         "kind": "transfer", "data": str(data), "ann": None if ann is None else str(ann), "images": n,
@@ -548,10 +565,10 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         "sweep": None if not any(r.sweep for r in rows) else {"name": next(r.sweep for r in rows if r.sweep),
                                                               "values": _sweep_values(rows)},
         "models": {k: m.info() for k, m in loaded.items()}, "class_names": cat_names,
-        "rows": row_out, "skipped": skipped, "notes": notes, "device": str(dev),
+        "rows": row_out, "bootstrap": boot, "skipped": skipped, "notes": notes, "device": str(dev),
         "seconds": round(time.perf_counter() - t_start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3), "torch_threads": torch.get_num_threads(),
-        "_examples": ex_store, "_row_specs": rows,
+        "_examples": ex_store, "_row_specs": rows, "_bootstrap_samples": boot_samples,
     }
     if out_dir is not None:
         from pathlib import Path
@@ -601,7 +618,8 @@ def _add_relevance(ex_store: list[dict], rows: Sequence[RowSpec], loaded: dict, 
 
 # ------------------------------------------------------------------------------------------------- output
 def json_ready(result: dict) -> dict:
-    """The result without its private keys (``_examples``, ``_row_specs``), ready for ``json.dump``."""
+    """The result without its private keys (``_examples``, ``_row_specs``, ``_bootstrap_samples``), ready for
+    ``json.dump``."""
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -662,6 +680,7 @@ def transfer_report(result: dict, title: str | None = None):
         table = _mark_white_box(result, table)
         rep.add_table(f"Transfer: {what} (x100)", cols, table,
                       note="black-box mean: victims other than the row's surrogate")
+    _add_interval_tables(rep, result)
     mask_victims = [v for v in victims if "segm_map" in rows[0]["metrics"][v]]
     if mask_victims:
         cols = ["attack"] + [f"{v} {k}" for k in ("mAP", "mAP50", "mAP75") for v in mask_victims]
@@ -717,6 +736,23 @@ def transfer_report(result: dict, title: str | None = None):
             rep.add_figure(f"Per-class AP of {v}", plots.per_class_ap_figure(names, series, f"{v}: per-class AP"))
     _add_grids(rep, result, names)
     return rep
+
+
+def _add_interval_tables(rep, result: dict) -> None:
+    """The bootstrap intervals of mAP50 and the paired differences (``advdet.bench.intervals``), if any."""
+    from advdet.bench.intervals import interval_note, transfer_interval_table, transfer_paired_table
+
+    table = transfer_interval_table(result)
+    if table is None:
+        return
+    note = interval_note(result["bootstrap"])
+    rep.add_table("Transfer: box mAP50 (x100) with bootstrap intervals", *table, note=note)
+    paired = transfer_paired_table(result)
+    if paired is not None:
+        rep.add_table(f"Paired: {result['bootstrap']['reference']} minus each baseline, box mAP50 (x100)", *paired,
+                      note=note + "; both rows on the same resamples; black-box mean over the "
+                           f"{result['bootstrap']['reference']} row's black-box victims; negative: lower mAP50 "
+                           f"than the baseline")
 
 
 def _pct(v):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from advdet.cli.app import bench_app, console, resolve_device
@@ -71,7 +72,11 @@ def robustness_cmd(
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
         report: Optional[Path] = typer.Option(None, help="Write report.md and index.html into this folder."),
         device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
+        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
+        n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the 95 % intervals of "
+                                   "every cell and of each model's difference to the first."),
+        no_ci: bool = typer.Option(False, "--no-ci", help="No bootstrap intervals (same as --n-boot 0)."),
+        ci_seed: int = typer.Option(0, help="Seed of the bootstrap resamples.")) -> None:
     """White-box robustness of detectors, laid out like RobustDet Table 1 (mAP50 per model and attack)."""
     from advdet.bench.robustness import (UntrainedModelError, attack_label, robustness_report,
                                          robustness_steps_sweep, robustness_table, sweep_rows, table_rows)
@@ -82,9 +87,12 @@ def robustness_cmd(
     model_list = split_list(models, "models")
     attack_list = split_list(attacks, "attacks")
     step_list = parse_steps(steps)
+    if n_boot < 0:
+        raise typer.BadParameter(f"--n-boot must be >= 0, got {n_boot}")
     kw = dict(data=data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps, seed=seed,
               device=resolve_device(device), weights=parse_weights(weights, model_list),
-              allow_untrained=allow_untrained, voc_split=voc_split, skip_bad=skip_bad)
+              allow_untrained=allow_untrained, voc_split=voc_split, skip_bad=skip_bad,
+              n_boot=0 if no_ci else n_boot, boot_seed=ci_seed)
     sweep = step_list is not None and len(step_list) > 1
     try:
         if sweep:
@@ -95,15 +103,31 @@ def robustness_cmd(
         console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
         raise typer.Exit(2) from None
 
+    from advdet.bench import intervals as ci
+    from advdet.bench.robustness import ATTACK_LABELS
+
     metric_name = "VOC07 mAP50" if result["metric"] == "voc07" else "COCO AP50"
+    block = result.get("intervals")
+    note = ci.interval_note(block) if block else None
+    level = f"{100 * block['level']:g} %" if block else ""
     if sweep:
         for a in result["attacks"]:
             cols, rows = sweep_rows(result, a)
             _print_table(f"{attack_label(a)}: {metric_name} (%) against attack steps, eps {eps:g} "
                          f"({result['images']} images of {data})", cols, rows)
+            if block:
+                _print_table(f"{attack_label(a)}: {metric_name} (%) with {level} bootstrap intervals",
+                             *ci.sweep_interval_table(result, a), caption=note)
     else:
         cols, rows = table_rows(result)
         _print_table(f"{metric_name} (%) under white-box attacks ({result['images']} images of {data})", cols, rows)
+        if block:
+            _print_table(f"{metric_name} (%) with {level} bootstrap intervals",
+                         *ci.robustness_interval_table(result, ATTACK_LABELS), caption=note)
+            paired = ci.robustness_paired_table(result, ATTACK_LABELS)
+            if paired is not None:
+                _print_table(f"Paired: each model minus {block['baseline']}, {metric_name} points "
+                             "(same resamples)", *paired, caption=note)
     if json_out:
         atomic_write_json(json_out, result, indent=2)
     if report:
@@ -111,10 +135,10 @@ def robustness_cmd(
         console.print(f"report: {path}")
 
 
-def _print_table(title: str, cols: list[str], rows: list[list]) -> None:
-    table = Table(title=title)
+def _print_table(title: str, cols: list[str], rows: list[list], caption: str | None = None) -> None:
+    table = Table(title=escape(title), caption=None if caption is None else escape(caption))
     for i, c in enumerate(cols):
-        table.add_column(c, justify="left" if i == 0 else "right")
+        table.add_column(escape(c), justify="left" if i == 0 else "right")
     for r in rows:
-        table.add_row(*["-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v)) for v in r])
+        table.add_row(*["-" if v is None else (f"{v:.1f}" if isinstance(v, float) else escape(str(v))) for v in r])
     console.print(table)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from advdet.cli.app import bench_app, console, parse_overrides, resolve_device
@@ -98,6 +99,7 @@ def print_transfer(result: dict, out: Console | None = None, metric: str = "map"
         t.add_row(r["label"], *cells, _fmt(bb), f"{r['perturbation']['rmse']:.2f}",
                   end_section=r["label"] == "Ablation")
     out.print(t)
+    print_intervals(result, out)
     f = Table(title=f"How detections fail (mean over black-box victims, all victims when there is none; "
                     f"score >= {result['score_thresh']}, "
                     f"IoU >= {result['iou']}, against each victim's clean predictions)")
@@ -116,6 +118,30 @@ def print_transfer(result: dict, out: Console | None = None, metric: str = "map"
         out.print(f"[yellow]skipped:[/] {s}")
     for s in result.get("notes", []):
         out.print(f"[dim]note: {s}[/]")
+
+
+def print_intervals(result: dict, out: Console | None = None) -> None:
+    """Print the bootstrap intervals of a transfer result (box mAP50, black-box means, paired differences)."""
+    from advdet.bench.intervals import interval_note, transfer_interval_table, transfer_paired_table
+
+    out = out or console
+    table = transfer_interval_table(result)
+    if table is None:
+        return
+    block = result["bootstrap"]
+    for title, tab in ((f"box mAP50 x100 with {100 * block['level']:g} % bootstrap intervals", table),
+                       (f"Paired: {block['reference']} minus each baseline, box mAP50 x100 (same resamples; "
+                        f"black-box mean over the {block['reference']} row's black-box victims)",
+                        transfer_paired_table(result))):
+        if tab is None:
+            continue
+        cols, rows = tab
+        t = Table(title=escape(title), caption=escape(interval_note(block)))
+        for i, c in enumerate(cols):
+            t.add_column(escape(c), justify="left" if i < (2 if "Paired" in title else 1) else "right")
+        for r in rows:
+            t.add_row(*["-" if c is None else escape(str(c)) for c in r])
+        out.print(t)
 
 
 @bench_app.command("transfer")
@@ -151,7 +177,13 @@ def bench_transfer(
         report: Optional[Path] = typer.Option(None, help="Write report.md, index.html and figures to this folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
         device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
+        skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
+        n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the 95 % intervals of "
+                                   "mAP50 and the paired RAD - baseline differences."),
+        no_ci: bool = typer.Option(False, "--no-ci", help="No bootstrap intervals (same as --n-boot 0)."),
+        ci_seed: int = typer.Option(0, help="Seed of the bootstrap resamples."),
+        paired_with: str = typer.Option("rad", help="Attack whose rows are compared, pairwise, with every "
+                                        "baseline row.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
     from advdet.bench.transfer import ModelUnavailable, json_ready, transfer_matrix, transfer_report
@@ -162,6 +194,8 @@ def bench_transfer(
     if metric not in ("map", "map50", "map75"):
         raise typer.BadParameter(f"--metric must be map, map50 or map75, got {metric!r}")
     eps_v = parse_eps(eps)
+    if n_boot < 0:
+        raise typer.BadParameter(f"--n-boot must be >= 0, got {n_boot}")
     victim_list = _split(victims) or trained_detectors()
     if not victim_list:
         console.print("[red]error:[/] no trained zoo detector to use as victim; pass --victims "
@@ -175,7 +209,8 @@ def bench_transfer(
             sizes=parse_sizes(size, _split(surrogate) + victim_list + [classifier]),
             sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
             skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,
-            skip_bad=skip_bad, use_gt=use_gt, progress=True)
+            skip_bad=skip_bad, use_gt=use_gt, progress=True, n_boot=0 if no_ci else n_boot, boot_seed=ci_seed,
+            paired_with=paired_with)
     except (ModelUnavailable, KeyError, ValueError, TypeError, DatasetError, CheckpointError) as err:
         console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) and err.args else err}")
         raise typer.Exit(2) from None

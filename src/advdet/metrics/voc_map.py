@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["voc_ap", "voc_map"]
+__all__ = ["voc_ap", "voc_map", "voc_matches"]
 
 
 def voc_ap(recall: Any, precision: Any, use_07_metric: bool = True) -> float:
@@ -85,32 +85,20 @@ def _iou_matrix(dt: np.ndarray, gt: np.ndarray, pixel_offset: float) -> np.ndarr
     return inters / (area_dt[:, None] + area_gt[None, :] - inters)
 
 
-def voc_map(
+def voc_matches(
     gt: Sequence[Mapping[str, Any]],
     detections: Sequence[Mapping[str, Any]],
     num_classes: int,
     iou_threshold: float = 0.5,
-    use_07_metric: bool = True,
     pixel_offset: float = 1.0,
-) -> dict[str, Any]:
-    """VOC mAP of ``detections`` against ``gt`` (see the module docstring for the protocol).
+) -> tuple[list, list, list, list, list, np.ndarray]:
+    """The per-image half of :func:`voc_map`: every detection matched within its own image.
 
-    Args:
-        gt: one dict per image: ``boxes`` (N, 4) xyxy, ``labels`` (N,) in ``[0, num_classes)``,
-            optional ``difficult`` (N,) bool (default all False). Tensors or arrays.
-        detections: one dict per image, aligned with ``gt``: ``boxes`` (M, 4) xyxy, ``scores``
-            (M,), ``labels`` (M,).
-        num_classes: number of (foreground) classes; labels are contiguous from 0.
-        iou_threshold: a detection matches when IoU ``>`` this (strict, as voc_eval).
-        use_07_metric: the VOC07 11-point AP (default, the RobustDet/ssd.pytorch protocol) or
-            the all-point area.
-        pixel_offset: added to box widths/heights in IoU: 1.0 is VOC's inclusive pixel
-            convention, 0.0 continuous coordinates.
-
-    Returns:
-        ``{"map": float, "ap_per_class": [float] * num_classes, "num_gt": [int] * num_classes}``;
-        ``num_gt`` counts non-difficult GT, classes with ``num_gt == 0`` have AP NaN and are
-        excluded from ``map`` (NaN when no class has GT).
+    Returns, per class ``c``, lists with one array per (image, class) that has detections: ``scores``,
+    ``tp`` and ``fp`` flags (both 0 for a detection matched to a difficult GT: ignored), the global
+    input order of the detections (the tie-break of the ranking) and the image index; and ``npos``, an
+    ``(images, num_classes)`` int array of non-difficult GT per image. :func:`voc_map` ranks and
+    accumulates these over the dataset; :mod:`advdet.metrics.bootstrap` re-weights them per image.
     """
     if len(gt) != len(detections):
         raise ValueError(f"gt has {len(gt)} images but detections has {len(detections)}")
@@ -122,7 +110,8 @@ def voc_map(
     tp_c: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     fp_c: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     order_c: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    npos = np.zeros(num_classes, dtype=np.int64)
+    img_c: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    npos = np.zeros((len(gt), num_classes), dtype=np.int64)
     offset = 0  # global detection index, for stable tie-breaking across images
 
     for img_idx, (g, d) in enumerate(zip(gt, detections)):
@@ -143,7 +132,7 @@ def voc_map(
                 raise ValueError(f"image {img_idx}: {name} label outside [0, {num_classes}): {labels.tolist()}")
         if not np.all(np.isfinite(d_scores)) or not np.all(np.isfinite(d_boxes)):
             raise ValueError(f"image {img_idx}: non-finite detection boxes or scores")
-        np.add.at(npos, g_labels[~g_diff], 1)
+        np.add.at(npos[img_idx], g_labels[~g_diff], 1)
 
         for c in np.unique(d_labels):
             di = np.nonzero(d_labels == c)[0]
@@ -176,7 +165,42 @@ def voc_map(
             tp_c[c].append(tp)
             fp_c[c].append(fp)
             order_c[c].append(di + offset)
+            img_c[c].append(np.full(len(di), img_idx, dtype=np.int64))
         offset += len(d_labels)
+
+    return scores_c, tp_c, fp_c, order_c, img_c, npos
+
+
+def voc_map(
+    gt: Sequence[Mapping[str, Any]],
+    detections: Sequence[Mapping[str, Any]],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    use_07_metric: bool = True,
+    pixel_offset: float = 1.0,
+) -> dict[str, Any]:
+    """VOC mAP of ``detections`` against ``gt`` (see the module docstring for the protocol).
+
+    Args:
+        gt: one dict per image: ``boxes`` (N, 4) xyxy, ``labels`` (N,) in ``[0, num_classes)``,
+            optional ``difficult`` (N,) bool (default all False). Tensors or arrays.
+        detections: one dict per image, aligned with ``gt``: ``boxes`` (M, 4) xyxy, ``scores``
+            (M,), ``labels`` (M,).
+        num_classes: number of (foreground) classes; labels are contiguous from 0.
+        iou_threshold: a detection matches when IoU ``>`` this (strict, as voc_eval).
+        use_07_metric: the VOC07 11-point AP (default, the RobustDet/ssd.pytorch protocol) or
+            the all-point area.
+        pixel_offset: added to box widths/heights in IoU: 1.0 is VOC's inclusive pixel
+            convention, 0.0 continuous coordinates.
+
+    Returns:
+        ``{"map": float, "ap_per_class": [float] * num_classes, "num_gt": [int] * num_classes}``;
+        ``num_gt`` counts non-difficult GT, classes with ``num_gt == 0`` have AP NaN and are
+        excluded from ``map`` (NaN when no class has GT).
+    """
+    scores_c, tp_c, fp_c, order_c, _, npos_img = voc_matches(gt, detections, num_classes, iou_threshold,
+                                                             pixel_offset)
+    npos = npos_img.sum(axis=0)
 
     ap_per_class = [float("nan")] * num_classes
     for c in range(num_classes):
