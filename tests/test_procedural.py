@@ -53,6 +53,29 @@ def test_classes_are_distinct_contractive_ifs_with_a_bounded_fill_rate():
                                                                                            ifs_class(0, 3)[0])
 
 
+def test_a_class_keeps_its_hue_and_texture_across_images():
+    from advdet.data.procedural import _class_texture, class_style
+
+    styles = [class_style(0, c) for c in range(64)]
+    assert len({round(st[0], 6) for st in styles}) == 64 and {st[1] for st in styles} == {0, 1, 2, 3}
+    assert class_style(0, 5) == class_style(0, 5) != class_style(1, 5)
+    rng = np.random.default_rng(0)
+    for st in styles[:8]:
+        fills = [_class_texture(rng, st, 16) for _ in range(6)]
+        # the brightest pixel of every fill has the class's hue (+- 0.04, and +- 0.05 where the second
+        # colour of a texture blends in)
+        for f in fills:
+            px = f.reshape(-1, 3)[f.reshape(-1, 3).sum(1).argmax()]
+            mx, mn = px.max(), px.min()
+            if mx - mn < 1e-3:
+                continue
+            r, g, b = px
+            h = ((g - b) / (mx - mn) % 6 if mx == r else (b - r) / (mx - mn) + 2 if mx == g else
+                 (r - g) / (mx - mn) + 4) / 6
+            d = abs(h - st[0]) % 1.0
+            assert min(d, 1 - d) < 0.09, (h, st[0])
+
+
 def test_labels_are_balanced_and_cover_every_class():
     ds = ProceduralClassification(num_classes=10, length=40, size=32)
     assert len(ds) == 40 and ds.num_classes == 10
