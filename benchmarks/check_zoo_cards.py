@@ -4,7 +4,7 @@
 
 For each trained entry (default: all) it loads the shipped weights, evaluates them on the 500 shapes-val
 images as `advdet eval --model NAME --data shapes-val` does (detectors: box mAP / mAP50 / mAP75; the
-classifier: top-1), and prints the card's numbers next to the measured ones with the largest absolute
+classifier: top-1; the pretrained backbones: top-1 / top-5 on their procedural validation split), and prints the card's numbers next to the measured ones with the largest absolute
 difference. It also sums the shipped file sizes (detector zoo, robust entries, all). Exit status 1 when a
 difference exceeds --tol (default 0.002).
 """
@@ -19,9 +19,11 @@ import time
 import torch
 
 from advdet.models.zoo import build_model, zoo_entries, zoo_entry
-from advdet.training.zoo_train import shapes_val_metrics
+from advdet.training.zoo_train import pretrain_val_metrics, shapes_val_metrics
 
-KEYS = {"detector": ("map", "map50", "map75"), "classifier": ("top1",)}
+KEYS = {"detector": ("map", "map50", "map75"), "classifier": ("top1",), "backbone": ("top1", "top5")}
+#: where a card keeps its numbers: backbones are measured on their procedural validation split
+CARD_METRICS = {"backbone": "procedural_val"}
 
 
 def main() -> None:
@@ -39,14 +41,18 @@ def main() -> None:
     for e in entries:
         card = e.card
         t0 = time.perf_counter()
-        measured = shapes_val_metrics(build_model(e.name), e.kind, None)
+        if e.kind == "backbone":
+            measured = pretrain_val_metrics(build_model(e.name), e.data)
+        else:
+            measured = shapes_val_metrics(build_model(e.name), e.kind, None)
+        card_metrics = card[CARD_METRICS.get(e.kind, "shapes_val")]
         seconds = time.perf_counter() - t0
         diffs = {}
         for k in KEYS[e.kind]:
-            diffs[k] = abs(measured[k] - card["shapes_val"][k])
-            print(f"{e.name:<16} {k:<6} {card['shapes_val'][k]:>7.4f} {measured[k]:>9.4f} {diffs[k]:>7.4f} {seconds:>8.1f}")
+            diffs[k] = abs(measured[k] - card_metrics[k])
+            print(f"{e.name:<16} {k:<6} {card_metrics[k]:>7.4f} {measured[k]:>9.4f} {diffs[k]:>7.4f} {seconds:>8.1f}")
         worst = max(worst, *diffs.values())
-        rows.append({"name": e.name, "kind": e.kind, "card": {k: card["shapes_val"][k] for k in KEYS[e.kind]},
+        rows.append({"name": e.name, "kind": e.kind, "card": {k: card_metrics[k] for k in KEYS[e.kind]},
                      "measured": {k: measured[k] for k in KEYS[e.kind]}, "max_abs_diff": max(diffs.values()),
                      "seconds": round(seconds, 1), "file_size": card["file_size"], "sha256": card["sha256"]})
     robust = {e.name for e in zoo_entries() if e.init is not None}
