@@ -65,12 +65,23 @@ def test_budget_range_and_letterbox_padding(ssd):
     assert not torch.equal(free[:, :, :10], x[:, :, :10])
 
 
-def test_batch_of_two_equals_two_singles(ssd):
-    x = images(2, seed=3)
-    atk = RAD(ssd, steps=2, **SI2)  # SI only: deterministic
+def test_batch_of_two_equals_two_singles_and_micro_batches(ssd):
+    x = images(3, seed=3)
+    atk = RAD(ssd, steps=2, micro_batch=None, **SI2)  # SI only: deterministic; one relevance graph for all
     both = atk(x)
-    singles = torch.cat([atk(x[i:i + 1]) for i in range(2)])
+    d_both = atk.last_state["diagnostics"].as_dict()
+    singles = torch.cat([atk(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(both, singles, rtol=0, atol=1e-9)
+    micro = RAD(ssd, steps=2, micro_batch=2, **SI2)
+    torch.testing.assert_close(micro(x), both, rtol=0, atol=1e-9)
+    st = micro.last_state
+    assert st["node_counts"] == [[20, 20, 20], [20, 20, 20]] and st["x"].shape[0] == 3
+    d_micro = st["diagnostics"].as_dict()
+    assert d_micro["gradient_evaluations"] == d_both["gradient_evaluations"] == 3 * 2 * 2
+    for key in ("mean_abs_delta", "share_at_eps", "second_term_share"):
+        assert d_micro[key] == pytest.approx(d_both[key], rel=1e-9)
+    assert d_micro["relevance_per_iteration"] == pytest.approx(d_both["relevance_per_iteration"], rel=1e-9)
+    assert RAD(ssd).chunk_size(x) == 1 and RAD(ssd, micro_batch=None).chunk_size(x) == 3
 
 
 def test_dynamic_node_selection(ssd):
@@ -342,7 +353,8 @@ def _tiny(family: str):
 def test_every_family(family):
     det = _tiny(family).eval()
     x = images(2, seed=9, dtype=torch.float32)
-    atk = RAD(det, steps=1, transforms=[SI(scales=2, extra_unscaled=False)])
+    # one relevance graph for the batch: tiny FCOS's 1 x 1 top level cannot be group-normalised alone
+    atk = RAD(det, steps=1, transforms=[SI(scales=2, extra_unscaled=False)], micro_batch=None)
     xa = atk(x)
     assert xa.shape == x.shape and torch.isfinite(xa).all()
     assert (xa - x).abs().max().item() * 255 <= 16 + 1e-4

@@ -144,6 +144,26 @@ class RADDiagnostics:
         }
 
 
+def _merge_states(states: list[dict]) -> dict:
+    """One ``last_state`` for the micro-batches of a batch: per-image tensors concatenated, node counts
+    concatenated per iteration, diagnostics merged; other entries (``tracked``) from the last one."""
+    out = dict(states[-1])
+    for key, last in states[-1].items():
+        vals = [s.get(key) for s in states]
+        if key == "node_counts":
+            out[key] = [sum((v[t] for v in vals), []) for t in range(len(last))]
+        elif key == "diagnostics":
+            merged = vals[0]
+            for v in vals[1:]:
+                merged = merged.merge(v)
+            out[key] = merged
+        elif key == "ranked":
+            out[key] = tuple(torch.cat([v[i] for v in vals]) for i in range(2))
+        elif isinstance(last, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in vals):
+            out[key] = torch.cat(vals)
+    return out
+
+
 class RAD(Attack):
     """RAD (Relevance Attack on Detectors): descend on the Multi-Node SGLRP relevance map of the most
     confident boxes (see the module docstring for the presets and the paper / reference choices).
@@ -167,6 +187,8 @@ class RAD(Attack):
             RetinaNet / FCOS as RAD's RetinaNet code, raw logits otherwise as its YOLOv3 code),
             ``"logits"``, ``"probs"`` (see :mod:`advdet.relevance.nodes`).
         rules: the LRP rules (default: the reference's).
+        micro_batch: images per relevance computation (``"auto"``: 1 on the CPU, the batch on a GPU;
+            ``None``: the batch); bounds the memory of the exact second-order graph.
         transforms: default the preset's ``[SI(...)]``; pass ``[]`` for none, or e.g. ``[SI(), DI(), TI()]``.
 
     ``last_state``: ``node_counts`` (nodes per image at each iteration), ``tracked`` (the last node set;
@@ -187,7 +209,8 @@ class RAD(Attack):
                  cls_node: Literal["auto", "class", "objectness"] = "auto",
                  outputs: Literal["all", "scores"] = "all", values: Literal["auto", "logits", "probs"] = "auto",
                  variant: Literal["paper", "rad_code"] | None = None, loss: RADLoss | None = None,
-                 second_k: int = 3000, pad_value: float | None | str = "preset", rules: LRPRules | None = None):
+                 second_k: int = 3000, pad_value: float | None | str = "preset", rules: LRPRules | None = None,
+                 micro_batch: int | None | str = "auto"):
         if preset not in PRESETS:
             raise ValueError(f"RAD: preset must be one of {tuple(PRESETS)}, got {preset!r}")
         p = PRESETS[preset]
@@ -214,10 +237,38 @@ class RAD(Attack):
                                        cls_node=cls_node, max_nodes=max_nodes, outputs=outputs, values=values)
         self.second_k = int(second_k)
         self.rules = rules if rules is not None else LRPRules()
+        if not (micro_batch in ("auto", None) or (isinstance(micro_batch, int) and micro_batch >= 1)):
+            raise ValueError(f"RAD: micro_batch must be 'auto', None or an int >= 1, got {micro_batch!r}")
+        self.micro_batch = micro_batch
         self._knows_letterbox = False
 
-    # ------------------------------------------------------------------ letterbox padding
+    # ------------------------------------------------------------------ micro-batches, letterbox padding
+    def chunk_size(self, x: torch.Tensor) -> int:
+        """Images per relevance computation: ``micro_batch``; ``"auto"``: 1 on the CPU (the exact
+        second-order graph of one image of the zoo yolov3 is about 0.3 GB, and a batch is no faster on
+        one thread), the whole batch on a GPU."""
+        if self.micro_batch is None:
+            return x.shape[0]
+        if self.micro_batch == "auto":
+            return 1 if self._device(x).type == "cpu" else x.shape[0]
+        return int(self.micro_batch)
+
     def attack(self, x: torch.Tensor, targets: Any = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`Attack.attack`, in micro-batches of :meth:`chunk_size` images (every part of RAD is
+        per image, so the result is the same; random transforms (DI) draw per micro-batch)."""
+        n = self.chunk_size(x) if x.ndim == 4 else 1
+        if x.ndim != 4 or x.shape[0] <= n:
+            return self._attack_one(x, targets, mask)
+        outs, states = [], []
+        for i in range(0, x.shape[0], n):
+            sl = slice(i, i + n)
+            tg = targets[sl] if isinstance(targets, (list, tuple)) else targets
+            outs.append(self._attack_one(x[sl], tg, None if mask is None else mask[sl]))
+            states.append(self.last_state)
+        self.last_state = _merge_states(states)
+        return torch.cat(outs)
+
+    def _attack_one(self, x: torch.Tensor, targets: Any, mask: torch.Tensor | None) -> torch.Tensor:
         self._knows_letterbox = mask is not None or (
             isinstance(targets, (list, tuple)) and bool(targets)
             and all(isinstance(t, dict) and t.get("letterbox") is not None for t in targets))
