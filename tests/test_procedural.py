@@ -105,6 +105,9 @@ def test_tensor_split_is_cached_and_matches_the_items(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("procedural-*.pt"))) == 1
     again, _ = procedural_tensors(4, 8, size=32, seed=0, split="val")
     assert torch.equal(again, images)
+    # two rendering processes give the same bytes
+    par, par_labels = procedural_tensors(4, 8, size=32, seed=0, split="val", cache=False, workers=2)
+    assert torch.equal(par, images) and torch.equal(par_labels, labels)
 
 
 @pytest.mark.parametrize("det, pre", [("fcos", "resnet_pre"), ("retinanet", "resnet_pre"),

@@ -56,12 +56,14 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
               resume: bool = typer.Option(False, help="Continue from the last checkpoint."),
               set_: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set epochs=2."),
               threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-              device: str = typer.Option("cpu", help="Train on cpu or cuda (evaluation runs on the CPU).")) -> None:
+              device: str = typer.Option("cpu", help="Train on cpu or cuda (evaluation runs on the CPU)."),
+              workers: int = typer.Option(1, help="Processes that render the procedural pretraining set "
+                                          "(backbone entries; the same images for any count).")) -> None:
     """Reproduce a zoo entry from its recipe with a fixed seed (train, evaluate, write weights + card)."""
     from advdet.training.zoo_train import train_zoo_model
 
     card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=parse_overrides(set_),
-                           threads=threads, device=device)
+                           threads=threads, device=device, workers=workers)
     v = card.get("shapes_val") or card.get("procedural_val")
     score = (f"top-1 {v['top1']:.3f}" + (" (procedural-val)" if "procedural_val" in card else "") if "top1" in v else
              f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")

@@ -261,23 +261,48 @@ class ProceduralClassification(torch.utils.data.Dataset):
         return (x.float() / 255.0 if self.as_float else x), label
 
 
+def _render_range(args: tuple[int, int, int, int, str, int]) -> tuple[int, np.ndarray]:
+    start, stop, num_classes, size, split, seed = args
+    out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+    for j, i in enumerate(range(start, stop)):
+        out[j] = render_procedural_image(seed, split, i, num_classes, size)[0]
+    return start, out
+
+
 def procedural_tensors(num_classes: int, length: int, size: int = 64, seed: int = 0, split: str = "train",
-                       cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       cache: bool = True, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as ``(images (N, 3, S, S) uint8, labels (N,) int64)``, rendered once and kept under
-    ``$ADVDET_HOME/cache`` (keyed by every argument and the generator version)."""
+    ``$ADVDET_HOME/cache`` (keyed by every argument but ``workers`` and the generator version).
+    ``workers`` > 1 renders in that many processes (the same bytes: every item has its own generator)."""
     sig = f"procedural|v{PROCEDURAL_VERSION}|{num_classes}|{length}|{size}|{seed}|{split}"
     key = advdet_home() / "cache" / f"procedural-{hashlib.sha1(sig.encode()).hexdigest()[:16]}.pt"
     if cache and key.exists():
         d = torch.load(key, weights_only=True)
         return d["images"], d["labels"]
-    log.info("rendering %d procedural %s images (%d classes, %d px)", length, split, num_classes, size)
-    ds = ProceduralClassification(num_classes, length, size, seed, split)
+    log.info("rendering %d procedural %s images (%d classes, %d px, %d workers)", length, split, num_classes, size,
+             workers)
     images = torch.empty((length, 3, size, size), dtype=torch.uint8)
-    labels = torch.empty(length, dtype=torch.long)
-    for i in range(length):
-        images[i], labels[i] = ds[i]
-        if (i + 1) % 10000 == 0:
-            log.info("rendered %d / %d", i + 1, length)
+    labels = torch.arange(length, dtype=torch.long) % num_classes
+    chunk = 2000
+    jobs = [(a, min(a + chunk, length), num_classes, size, split, seed) for a in range(0, length, chunk)]
+    done = 0
+
+    def put(start: int, arr: np.ndarray) -> None:
+        nonlocal done
+        images[start:start + len(arr)] = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        done += len(arr)
+        if done % 10000 < chunk:
+            log.info("rendered %d / %d", done, length)
+
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            for start, arr in pool.map(_render_range, jobs):
+                put(start, arr)
+    else:
+        for job in jobs:
+            put(*_render_range(job))
     if cache:
         key.parent.mkdir(parents=True, exist_ok=True)
         tmp = key.with_suffix(f".{os.getpid()}.tmp")

@@ -26,8 +26,11 @@ BACKBONE_PREFIX = "model.backbone."
 
 def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
                     resume: bool = False, overrides: dict | None = None, eval_limit: int | None = None,
-                    threads: int | None = None, device: str | torch.device | None = None) -> dict:
+                    threads: int | None = None, device: str | torch.device | None = None,
+                    workers: int = 1) -> dict:
     """Train zoo entry ``name`` with its recipe (fields in ``overrides`` replace the recipe's).
+
+    ``workers``: processes that render the procedural set of a backbone entry (the same bytes for any count).
 
     ``device``: where to train (default cpu; "cuda" on a GPU). The weights are evaluated and written from
     the CPU either way; a GPU run follows the same recipe and seed but not the CPU run's exact numbers.
@@ -52,7 +55,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
         cfg, method_cfg = split_recipe({**entry.recipe, **(overrides or {})})
     run_dir = Path(run_dir or advdet_home() / "runs" / name)
     if entry.kind == "backbone":
-        return _train_backbone(entry, cfg, run_dir, out_dir, resume, overrides, eval_limit, device)
+        return _train_backbone(entry, cfg, run_dir, out_dir, resume, overrides, eval_limit, device, workers)
     for start in (entry.init, entry.backbone_init):  # fail early and clearly when a starting point is missing
         if start and not zoo_entry(start).trained:
             raise CheckpointError(f"{zoo_entry(start).weights_path}: {name!r} starts from the zoo's {start!r} "
@@ -113,13 +116,14 @@ def load_backbone_init(model: torch.nn.Module, entry) -> list[str]:
     return keys
 
 
-def pretrain_split(data: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pretrain_split(data: dict, split: str, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, S, S) uint8 and labels (N,) of a backbone entry's procedural ``split`` (rendered once,
     then cached under $ADVDET_HOME/cache)."""
     from advdet.data.procedural import procedural_tensors
 
     per_class = data["train_per_class"] if split == "train" else data["val_per_class"]
-    return procedural_tensors(data["num_classes"], data["num_classes"] * per_class, data["size"], data["seed"], split)
+    return procedural_tensors(data["num_classes"], data["num_classes"] * per_class, data["size"], data["seed"], split,
+                              workers=workers)
 
 
 @torch.no_grad()
@@ -141,11 +145,11 @@ def pretrain_val_metrics(model: torch.nn.Module, data: dict, limit: int | None =
 
 
 def _train_backbone(entry, cfg: TrainConfig, run_dir: Path, out_dir, resume: bool, overrides: dict | None,
-                    eval_limit: int | None, device) -> dict:
+                    eval_limit: int | None, device, workers: int = 1) -> dict:
     """Pretrain a ``kind="backbone"`` entry on its procedural set (the loop of :func:`train_detector`: the
     same checkpoints, resume and augmentation; each image's target is one full-image box with its class)."""
     data = entry.data
-    images, labels = pretrain_split(data, "train")
+    images, labels = pretrain_split(data, "train", workers)
     s = images.shape[-1]
     full = torch.tensor([[0.0, 0.0, float(s), float(s)]])
     cache = TensorCache(images, [full] * len(images), [labels[i:i + 1] for i in range(len(labels))])
