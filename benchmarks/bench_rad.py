@@ -3,23 +3,31 @@
 (a) seconds of one RAD iteration (default: SI, static top-20 cls nodes, exact second-order relevance
     gradient) against one PGD iteration with the same SI on the same surrogate and batch (goal: <= 3x);
 (b) images/s of the full default RAD (10 iterations, SI, eps 16, step 2) on each zoo surrogate at
-    batch 8, on the CPU (torch threads = 1) and on CUDA when present.
+    batch 8, on the CPU (torch threads = 1) and on CUDA when present, with RAD's diagnostics;
+(c) ``--memory``: the peak resident memory of a fresh process that loads the surrogate and the batch
+    and runs RAD on it (``ru_maxrss`` of a spawned child), and the same process before the attack.
+
+``--preset`` (default ``reference``) and ``--micro-batch`` (default ``auto``: one image per relevance
+graph on the CPU) select the RAD configuration.
 
 An iteration's time is ``(T(steps=k) - T(steps=0)) / k`` of whole ``attack()`` calls (the same batch,
 ``prepare`` cancels out), so it includes everything the loop does per step (RAD: node selection and
 its relevance map; PGD: its loss). Wall and CPU (process) seconds are both recorded: on a shared
 machine CPU seconds are the steadier number. Surrogates use the shipped zoo weights when present,
 else the untrained builder (the cost of RAD does not depend on the weights, except for the rare
-fallback term and the proposal counts of two-stage models); each row says which.
+second term and the proposal counts of two-stage models); each row says which.
 
     uv run python benchmarks/bench_rad.py --json benchmarks/results/rad.json
     # reduced: --batch 2 --rad-steps 1 --ratio-steps 1 --repeats 1 --note "..."
+    uv run python benchmarks/bench_rad.py --memory --skip-ratio --skip-throughput --models yolov3,ssd_vgg
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import resource
 import platform
 import time
 
@@ -91,15 +99,45 @@ def per_iteration(make_attack, x, targets, k: int, repeats: int, dev: torch.devi
     return {"wall_s": max(wk - w0, 0.0) / k, "cpu_s": max(ck - c0, 0.0) / k, "steps": k, "repeats": repeats}
 
 
+def rad_kwargs(args) -> dict:
+    mb = args.micro_batch
+    return {"preset": args.preset, "micro_batch": None if mb == "none" else ("auto" if mb == "auto" else int(mb))}
+
+
+def _memory_child(name: str, data: str, n: int, steps: int, kw: dict, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    det, weights, x, targets, _ = surrogate_and_batch(name, data, n, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    RAD(det, steps=steps, **kw)(x, targets)
+    queue.put({"surrogate": name, "weights": weights, "batch": n, "rad_steps": steps, "rad_kwargs": kw,
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KiB on Linux
+               "rss_before_attack_gb": before / 1e6})
+
+
+def bench_memory(names: list[str], args) -> list[dict]:
+    rows, ctx = [], mp.get_context("spawn")
+    for name in names:
+        q = ctx.Queue()
+        p = ctx.Process(target=_memory_child, args=(name, args.data, args.batch, args.memory_steps, rad_kwargs(args),
+                                                     args.threads, q))
+        p.start()
+        row = q.get()
+        p.join()
+        rows.append(row)
+        print(f"[memory] {name:<12} batch {row['batch']}  peak {row['peak_rss_gb']:.2f} GB "
+              f"(before the attack {row['rss_before_attack_gb']:.2f} GB)  {row['rad_kwargs']}", flush=True)
+    return rows
+
+
 def bench_ratio(names: list[str], args, dev: torch.device) -> list[dict]:
     rows = []
     for name in names:
         det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.ratio_batch, dev)
-        rad = per_iteration(lambda s: RAD(det, steps=s), x, targets, args.ratio_steps, args.repeats, dev)
+        rad = per_iteration(lambda s: RAD(det, steps=s, **rad_kwargs(args)), x, targets, args.ratio_steps, args.repeats, dev)
         pgd = per_iteration(lambda s: PGD(det, eps=16, step=2, steps=s, transforms=[SI()]), x, targets,
                             args.ratio_steps, args.repeats, dev)
         row = {"surrogate": name, "weights": weights, "device": str(dev), "batch": args.ratio_batch,
-               "input_size": det.input_size, "data": desc, "rad_iteration": rad, "pgd_si_iteration": pgd,
+               "input_size": det.input_size, "data": desc, "rad_kwargs": rad_kwargs(args), "rad_iteration": rad, "pgd_si_iteration": pgd,
                "ratio_wall": rad["wall_s"] / pgd["wall_s"] if pgd["wall_s"] > 0 else None,
                "ratio_cpu": rad["cpu_s"] / pgd["cpu_s"] if pgd["cpu_s"] > 0 else None}
         rows.append(row)
@@ -114,13 +152,13 @@ def bench_throughput(names: list[str], args, dev: torch.device) -> list[dict]:
     for name in names:
         det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.batch, dev)
         x = x.to(dev)
-        atk = RAD(det, steps=args.rad_steps)
+        atk = RAD(det, steps=args.rad_steps, **rad_kwargs(args))
         atk(x[:1], None if targets is None else targets[:1])  # warm-up
         wall, cpu = timed(lambda: atk(x, targets), dev)
         row = {"surrogate": name, "weights": weights, "device": str(dev), "batch": args.batch,
                "input_size": det.input_size, "data": desc, "rad_steps": args.rad_steps, "wall_s": wall,
                "cpu_s": cpu, "images_per_s": args.batch / wall, "images_per_cpu_s": args.batch / cpu,
-               "fallback_images": atk.last_state.get("fallback_images", 0)}
+               "rad_kwargs": rad_kwargs(args), "diagnostics": atk.last_state["diagnostics"].as_dict()}
         rows.append(row)
         print(f"[rad]   {name:<12} {dev.type}  batch {args.batch}  {args.rad_steps} steps  "
               f"{row['images_per_s']:.3f} img/s wall  {row['images_per_cpu_s']:.3f} img/CPU-s  ({weights})", flush=True)
@@ -140,6 +178,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--data", default="shapes-val", help="shapes-val, an images folder, or 'random'")
     ap.add_argument("--devices", default="auto", help="cpu, cuda, cpu,cuda or auto (cpu + cuda when present)")
+    ap.add_argument("--preset", default="reference", help="RAD preset: reference or paper")
+    ap.add_argument("--micro-batch", default="auto", help="RAD micro_batch: auto, none or an int")
+    ap.add_argument("--memory", action="store_true", help="(c): peak memory of RAD on --batch images")
+    ap.add_argument("--memory-steps", type=int, default=1, help="RAD iterations in (c)")
     ap.add_argument("--skip-ratio", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -153,12 +195,14 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "load_average_at_start": load,
                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-           "ratio": [], "throughput": []}
+           "ratio": [], "throughput": [], "memory": []}
     for dev in devs:
         if not args.skip_ratio:
             out["ratio"] += bench_ratio([n for n in args.ratio_models.split(",") if n], args, dev)
         if not args.skip_throughput:
             out["throughput"] += bench_throughput([n for n in args.models.split(",") if n], args, dev)
+    if args.memory:
+        out["memory"] = bench_memory([n for n in args.models.split(",") if n], args)
     out["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.json:
         atomic_write_json(args.json, out, indent=2)

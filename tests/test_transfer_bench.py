@@ -396,3 +396,19 @@ def test_release_memory_returns_fragmented_heap_pages():
     assert held - base > 150, (base, held)
     assert held - after > 120, (held, after)  # most of the freed 234 MB goes back to the system
     assert len(keep) == 500
+
+
+def test_rad_rows_carry_diagnostics_into_json_and_report(tiny_data, tiny_models, tmp_path):
+    """RAD's diagnostics (issue 20) reach the row of the JSON and the report: on the untrained tiny YOLO
+    every objectness node is gated by the output ReLU, so every step came from the second term."""
+    res = transfer_matrix(["yolo"], ["rad", "dfool"], ["yolo", "ssd"], tiny_data, models=tiny_models, limit=2,
+                          batch_size=2, attack_kwargs={"rad": {"steps": 2, "transforms": []}, **FAST},
+                          progress=False, examples=0, n_boot=0, device="cpu")
+    rad = next(r for r in res["rows"] if r["attack"] == "rad")
+    d = rad["diagnostics"]
+    assert d["gradient_evaluations"] == 2 * 2 and d["second_term_share"] == 1.0
+    assert len(d["relevance_per_iteration"]) == 2 and d["relevance_per_iteration"][0] == 0.0
+    assert 0 < d["mean_abs_delta"] <= 16
+    assert all(r["diagnostics"] is None for r in res["rows"] if r["attack"] != "rad")
+    md = transfer_report(json_ready(res)).write(tmp_path).joinpath("report.md").read_text()
+    assert "## RAD diagnostics" in md

@@ -31,6 +31,7 @@ bytes across world sizes need the same float arithmetic: same device type and th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from advdet import __version__
 from advdet.attacks.base import Attack, letterbox_mask
 from advdet.attacks.quantize import quantize_adv, to_uint8
+from advdet.attacks.rad import RADDiagnostics
 from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
 from advdet.bench.runtime import jsonable, release_memory, resolve_device
 from advdet.data.coco import decode_segmentation
@@ -408,6 +410,9 @@ class _Job:
             q = quantize_adv(x_adv.detach().cpu(), x, self.eps, keep)
         except ValueError as err:
             raise RuntimeError(f"attack {self.attack_name!r} gave an invalid image for {files}: {err}") from err
+        diag = (getattr(self.attack, "last_state", None) or {}).get("diagnostics")
+        if isinstance(diag, RADDiagnostics):  # sums, merged over the batch records into the card
+            record["diagnostics"] = dataclasses.asdict(diag)
         clean = to_uint8(x)
         stats = perturbation_stats(clean, q)
         writer = CocoWriter(self.out_dir, self.ds.categories)
@@ -449,6 +454,13 @@ class _Job:
                 for a in im["annotations"]:
                     annotations.append({"id": len(annotations) + 1, **a})
                 manifest_images.append({k: im[k] for k in ("index", "image_id", "file_name", "rmse", "l2", "linf")})
+        diags = [RADDiagnostics(**records[f]["diagnostics"]) for f in sorted(records) if records[f].get("diagnostics")]
+        diagnostics = None
+        if diags:
+            merged = diags[0]
+            for d in diags[1:]:
+                merged = merged.merge(d)
+            diagnostics = merged.as_dict()
         rmse = [m["rmse"] for m in manifest_images]
         linf = [m["linf"] for m in manifest_images]
         l2 = [m["l2"] for m in manifest_images]
@@ -479,6 +491,7 @@ class _Job:
             "l2_mean": round(float(np.mean(l2)), 4) if l2 else None,
             "linf_mean": round(float(np.mean(linf)), 4) if linf else None,
             "linf_max": round(float(np.max(linf)), 4) if linf else None,
+            "diagnostics": diagnostics,
             "files": {"images": "images/", "annotations": "instances.json", "manifest": "manifest.json"},
             "run": {"seconds": round(seconds, 3), "crafting_seconds": round(crafting_seconds, 3),
                     "images_crafted": crafted_now,

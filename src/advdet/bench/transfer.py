@@ -704,6 +704,21 @@ def transfer_report(result: dict, title: str | None = None):
                   ["attack", "surrogate", "RMSE", "mean Linf", "max Linf", "craft s", "eval s"],
                   [[r["label"], r["surrogate"] or "-", r["perturbation"]["rmse"], r["perturbation"]["linf"],
                     r["perturbation"]["linf_max"], r["seconds"]["craft"], r["seconds"]["eval"]] for r in rows])
+    diag_rows = [r for r in rows if r.get("diagnostics")]
+    if diag_rows:
+        def _rel(d):
+            rel = d["relevance_per_iteration"]
+            return f"{rel[0]:.3g} -> {rel[-1]:.3g}" if rel else "-"
+
+        rep.add_table("RAD diagnostics", ["attack", "surrogate", "gradient evaluations", "second-term share %",
+                                          "mean positive relevance (first -> last iteration)",
+                                          "mean |delta|", "at +-eps %"],
+                      [[r["label"], r["surrogate"] or "-", r["diagnostics"]["gradient_evaluations"],
+                        _pct(r["diagnostics"]["second_term_share"]), _rel(r["diagnostics"]),
+                        r["diagnostics"]["mean_abs_delta"], _pct(r["diagnostics"]["share_at_eps"])]
+                       for r in diag_rows],
+                      note="second-term share: (image, gradient evaluation) pairs whose relevance map had no "
+                           "positive value, so the step came from RAD's second loss term alone (docs/rad.md)")
     # figures
     if result.get("sweep") and result["sweep"]["name"] == "eps":
         base = rows[0]
