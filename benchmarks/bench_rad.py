@@ -104,14 +104,23 @@ def rad_kwargs(args) -> dict:
     return {"preset": args.preset, "micro_batch": None if mb == "none" else ("auto" if mb == "auto" else int(mb))}
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM) in GB. Not ``ru_maxrss``: Linux keeps that across
+    ``exec``, so a child spawned by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # not Linux: KiB
+
+
 def _memory_child(name: str, data: str, n: int, steps: int, kw: dict, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     det, weights, x, targets, _ = surrogate_and_batch(name, data, n, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_gb()
     RAD(det, steps=steps, **kw)(x, targets)
     queue.put({"surrogate": name, "weights": weights, "batch": n, "rad_steps": steps, "rad_kwargs": kw,
-               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # KiB on Linux
-               "rss_before_attack_gb": before / 1e6})
+               "peak_rss_gb": peak_rss_gb(), "rss_before_attack_gb": before})
 
 
 def bench_memory(names: list[str], args) -> list[dict]:

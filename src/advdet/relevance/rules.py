@@ -70,13 +70,15 @@ Why not zennit's hooks
 ----------------------
 zennit 0.5.1 implements rules through module backward hooks, which (a) only see ``nn.Module`` layers
 (functional convs are missed), (b) its ``AlphaBeta`` puts only the positive part of the bias in the
-alpha denominator and ``ZBox`` keeps the bias, which differs from the reference's rules, (c) has no rule
+alpha denominator, which differs from the reference's full-bias rule (its ``ZBox`` cancels the bias, as
+the reference's z^B ignores it), (c) has no rule
 for the RAD upsampling patch nor z^B bounds taken from the current input, and (d) its double
 differentiability through the hook mechanism is not guaranteed (in-place clones, hooks on ``grad_fn``).
 The rules here are custom ``autograd.Function``\\ s whose backward is written with differentiable ops on
 tensors saved with their history, and linear adjoints (:class:`_Adjoint`) are themselves differentiable,
-so ``create_graph=True`` gives the exact second derivative (checked by ``gradcheck`` in the tests; zennit
-is used there as an independent cross-check of the first-order rules). This also gives double backward
+so ``create_graph=True`` gives the exact second derivative (checked by ``gradcheck`` in the tests; zennit,
+with the full-bias alpha1-beta0 written as a ``BasicHook``, is the independent cross-check of the
+first-order rules in ``tests/test_lrp_reference.py``). This also gives double backward
 through ``roi_align``, whose torchvision kernel has none.
 """
 
@@ -272,6 +274,34 @@ class _LayerSpec:
     b_true: torch.Tensor | None = None
 
 
+def _rule_parts(spec: "_LayerSpec", a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """(stabilised z, [(multiplier, weight), ...]) of a layer's LRP rule: the relevance at the input is
+    ``sum_k multiplier_k * J(weight_k)^T (R / z)`` (see the module docstring for the rules)."""
+    f = spec.f
+    if spec.rule == "zB":
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        if spec.low is not None:  # per-element bounds
+            lo, hi = spec.low, spec.high
+            z = f(a, w, None) - f(lo.expand_as(a), wp, None) - f(hi.expand_as(a), wn, None)
+        else:  # per-image scalar bounds: f(l * 1, w+) = l * f(1, w+), one batch-1 conv for all images
+            dims = tuple(range(1, a.ndim))
+            lo, hi = a.amin(dim=dims, keepdim=True), a.amax(dim=dims, keepdim=True)
+            ones = torch.ones_like(a[:1])
+            z = f(a, w, None) - _bcast(lo, f(ones, wp, None)) - _bcast(hi, f(ones, wn, None))
+        # sum_j (a w - l w+ - h w-) s_j = (a - l) J+^T s + (a - h) J-^T s, since J^T = J+^T + J-^T
+        return _stabilise(z, spec.eps), [(a - lo, wp), (a - hi, wn)]
+    if spec.rule == "alpha1beta0":
+        wp = w.clamp(min=0)
+        bb = b if spec.bias_in_z else None
+        ap = a.clamp(min=0)
+        if spec.has_neg:
+            wn, an = w.clamp(max=0), a.clamp(max=0)
+            return _stabilise(f(ap, wp, bb) + f(an, wn, None), spec.eps), [(ap, wp), (an, wn)]
+        return _stabilise(f(ap, wp, bb), spec.eps), [(ap, wp)]
+    # "zero" / "epsilon"
+    return _stabilise(f(a, w, b if spec.bias_in_z else None), spec.eps), [(a, w)]
+
+
 class _RuleFn(torch.autograd.Function):
     """Forward: the layer's own output. Backward: the LRP rule of ``spec.rule`` applied to the incoming
     relevance, written with differentiable ops on the saved input (so the normaliser ``z`` is part of the
@@ -309,36 +339,21 @@ class _RuleFn(torch.autograd.Function):
                     return torch.autograd.grad(fn_w(dummy), dummy, g, create_graph=True)[0]
             return _Adjoint.apply(g, fn_w, shp, 1.0, mk(_w) if (mk is not None and _w is not None) else None)
 
-        if spec.rule == "zB":
-            wp, wn = w.clamp(min=0), w.clamp(max=0)
-            if spec.low is not None:  # per-element bounds
-                lo, hi = spec.low, spec.high
-                z = f(a, w, None) - f(lo.expand_as(a), wp, None) - f(hi.expand_as(a), wn, None)
-            else:  # per-image scalar bounds: f(l * 1, w+) = l * f(1, w+), one batch-1 conv for all images
-                dims = tuple(range(1, a.ndim))
-                lo, hi = a.amin(dim=dims, keepdim=True), a.amax(dim=dims, keepdim=True)
-                ones = torch.ones_like(a[:1])
-                z = f(a, w, None) - _bcast(lo, f(ones, wp, None)) - _bcast(hi, f(ones, wn, None))
-            s = rel / _stabilise(z, spec.eps)
-            # sum_j (a w - l w+ - h w-) s_j = (a - l) J+^T s + (a - h) J-^T s, since J^T = J+^T + J-^T
-            out = (a - lo) * _adj(lin(wp), shape, s, wp) + (a - hi) * _adj(lin(wn), shape, s, wn)
-        elif spec.rule == "alpha1beta0":
-            wp, wn = w.clamp(min=0), w.clamp(max=0)
-            bb = b if spec.bias_in_z else None
-            ap = a.clamp(min=0)
-            if spec.has_neg:
-                an = a.clamp(max=0)
-                z = f(ap, wp, bb) + f(an, wn, None)
-                s = rel / _stabilise(z, spec.eps)
-                out = ap * _adj(lin(wp), shape, s, wp) + an * _adj(lin(wn), shape, s, wn)
-            else:
-                z = f(ap, wp, bb)
-                s = rel / _stabilise(z, spec.eps)
-                out = ap * _adj(lin(wp), shape, s, wp)
-        else:  # "zero" / "epsilon"
-            z = f(a, w, b if spec.bias_in_z else None)
-            s = rel / _stabilise(z, spec.eps)
-            out = a * _adj(lin(w), shape, s, w)
+        # The normaliser z and the factors of each adjoint depend on the layer's input and weights only,
+        # not on the relevance: computed once per node and reused when the same graph is propagated
+        # again (RAD's reference head runs two LRP passes, A and B, through one trace).
+        grad_mode = torch.is_grad_enabled()
+        cache = getattr(ctx, "lrp_cache", None)
+        if cache is not None and cache[0] == grad_mode:
+            zs, terms = cache[1]
+        else:
+            zs, terms = _rule_parts(spec, a, w, b)
+            ctx.lrp_cache = (grad_mode, (zs, terms))
+        s = rel / zs
+        out = None
+        for mult, weight in terms:
+            part = mult * _adj(lin(weight), shape, s, weight)
+            out = part if out is None else out + part
         if spec.slope is not None:
             out = torch.where(spec.slope != 0, out / torch.where(spec.slope != 0, spec.slope, 1.0), 0.0)
         return out, None, None, None
