@@ -14,3 +14,14 @@ def _advdet_home(tmp_path_factory):
     if "ADVDET_HOME" not in os.environ:
         os.environ["ADVDET_HOME"] = str(tmp_path_factory.mktemp("advdet_home"))
     yield
+
+
+def random_batchnorm(channels: int) -> torch.nn.BatchNorm2d:
+    """A BatchNorm2d with random running statistics and affine parameters (eval mode is not an identity)."""
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+    return bn

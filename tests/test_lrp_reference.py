@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from advdet.relevance import LRPRules, lrp
+from conftest import random_batchnorm
 
 D64 = torch.float64
 
@@ -41,13 +42,7 @@ def _vgg_like(bn_leaky: bool) -> nn.Sequential:
     def block(cin, cout):
         out = [nn.Conv2d(cin, cout, 3, padding=1)]
         if bn_leaky:
-            bn = nn.BatchNorm2d(cout)
-            with torch.no_grad():
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.3, 0.3)
-            out.append(bn)
+            out.append(random_batchnorm(cout))
         return out + [act()]
 
     layers = (block(3, 6) + block(6, 8) + [nn.MaxPool2d(2)] + block(8, 8) + [nn.MaxPool2d(2)]

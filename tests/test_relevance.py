@@ -14,6 +14,7 @@ from torch import nn
 from advdet.relevance import (LRPRules, NodeSelection, NodeSet, box_relevance_maps, distinct_candidates, lrp,
                               multi_node_sglrp_init, relevance_figure, relevance_map, sglrp_init, sglrp_map)
 from advdet.relevance.figure import explain_image
+from conftest import random_batchnorm
 
 D64 = torch.float64
 
@@ -21,13 +22,7 @@ D64 = torch.float64
 def _bias_free_net(bn: bool = False) -> nn.Module:
     layers = [nn.Conv2d(3, 6, 3, padding=1, bias=False)]
     if bn:
-        b = nn.BatchNorm2d(6)
-        with torch.no_grad():
-            b.running_mean.uniform_(-0.5, 0.5)
-            b.running_var.uniform_(0.5, 2.0)
-            b.weight.uniform_(0.5, 1.5)
-            b.bias.uniform_(-0.3, 0.3)
-        layers.append(b)
+        layers.append(random_batchnorm(6))
     layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
                nn.Linear(8 * 4 * 4, 5, bias=False)]
     return nn.Sequential(*layers).to(D64).eval()
