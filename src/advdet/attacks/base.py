@@ -24,8 +24,9 @@ Conventions
 ``valid_only`` (RAD's ``clip_valid``): only the letterboxed image, not its zero padding, is changed.
 The mask is taken, in this order, from (1) the ``mask=`` argument of ``attack`` ((B, 1, H, W) or
 (B, H, W) bool); (2) the ``letterbox`` entries of the targets (``LetterboxParams`` or its dict, as the
-datasets of advdet yield them), which is exact even for black image content; (3) RAD's rule: the
-pixels where the clean image is nonzero in any channel.
+datasets of advdet yield them), which is exact even for black image content and is what RAD's code
+uses (the letterbox's image region, ``val_image``); (3) a fallback when nothing says where the letterbox
+is: the pixels where the clean image is nonzero in any channel (zero padding assumed).
 
 Update rules (``update=``):
 - ``"sign"``: PGD, ``x <- x + step * sign(g)``;
@@ -133,7 +134,7 @@ def letterbox_mask(params: Sequence[Any], h: int, w: int, device: torch.device |
 
 
 def nonzero_mask(x: torch.Tensor) -> torch.Tensor:
-    """RAD's valid mask: (B, 1, H, W) True where the image is nonzero in any channel."""
+    """Fallback valid mask (no letterbox known): (B, 1, H, W) True where the image is nonzero in any channel."""
     return (x != 0).any(dim=1, keepdim=True)
 
 
