@@ -245,8 +245,9 @@ class RAD(Attack):
     # ------------------------------------------------------------------ micro-batches, letterbox padding
     def chunk_size(self, x: torch.Tensor) -> int:
         """Images per relevance computation: ``micro_batch``; ``"auto"``: 1 on the CPU (the exact
-        second-order graph of one image of the zoo yolov3 is about 0.3 GB, and a batch is no faster on
-        one thread), the whole batch on a GPU."""
+        second-order graph of one image of the zoo yolov3 is about 0.3 GB; one image at a time costs
+        about a fifth more CPU time than one graph for the batch, see docs/rad.md "Cost"), the whole
+        batch on a GPU."""
         if self.micro_batch is None:
             return x.shape[0]
         if self.micro_batch == "auto":
