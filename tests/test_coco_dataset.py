@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,23 @@ def test_grayscale_rgba_and_16bit_are_converted(tmp_path):
     assert "masks" not in ds[0] and ds[0]["boxes"].shape == (0, 4)
     ds = CocoDetection(d, d / "ann.json", size=20, skip_bad=True)
     assert ds.report.converted_images == 3 and not ds.report.skipped
+    assert sorted((Path(f).name, what) for f, what in ds.report.converted) == [
+        ("d.png", "16-bit converted to 8-bit RGB"), ("g.png", "grayscale converted to 8-bit RGB"),
+        ("r.png", "RGBA (alpha dropped) converted to 8-bit RGB")]
+    lines = ds.report.lines()
+    assert "3 images converted to 8-bit RGB" in lines[0] and sum("converted" in ln for ln in lines[1:]) == 3
+
+
+def test_palette_and_cmyk_are_converted_and_listed(tmp_path):
+    Image.new("P", (8, 6), 3).save(tmp_path / "p.png")
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    js = {"images": [{"id": 1, "file_name": "p.png"}, {"id": 2, "file_name": "c.jpg"}],
+          "annotations": [], "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(js))
+    ds = CocoDetection(tmp_path, tmp_path / "ann.json", size=8, skip_bad=True)
+    assert ds.report.converted_images == 2
+    assert sorted(what for _, what in ds.report.converted) == ["CMYK converted to 8-bit RGB",
+                                                               "palette converted to 8-bit RGB"]
 
 
 def test_image_size_mismatch_names_image(coco):
@@ -288,17 +306,43 @@ def test_boxes_clipped_and_zero_area_dropped(coco):
     js["annotations"] += [
         {"id": 30, "image_id": 2, "category_id": 3, "bbox": [-5, -5, 20, 20]},  # clipped to [0,0,15,15]
         {"id": 31, "image_id": 2, "category_id": 3, "bbox": [25, 10, 10, 50]},  # clipped to [25,10,30,30]
-        {"id": 32, "image_id": 2, "category_id": 3, "bbox": [40, 10, 5, 5]},  # outside: clipped, zero area
-        {"id": 33, "image_id": 2, "category_id": 3, "bbox": [3, 3, 0, 7]},  # zero width
-        {"id": 34, "image_id": 2, "category_id": 3, "bbox": [3, 3, -2, 7]},  # negative width
+        {"id": 33, "image_id": 2, "category_id": 3, "bbox": [3, 3, 0, 7]},  # zero width: dropped and listed
     ]
     ds = CocoDetection(*coco(js), size=30)  # 30x30 at 30: identity letterbox
-    assert ds.report.clipped_boxes == 3 and ds.report.dropped_zero_area == 3
+    assert ds.report.clipped_boxes == 2 and ds.report.dropped_zero_area == 1
+    assert ds.report.dropped == [("annotation 33 (image 2)", "zero-area bbox [3, 3, 0, 7]: not a target")]
     it = ds[1]
     assert it["boxes"].tolist() == [[5, 5, 15, 15], [0, 0, 15, 15], [25, 10, 30, 30]]
     assert it["labels"].tolist() == [0, 1, 1]
     gt = {a["id"]: a["bbox"] for a in ds.coco_gt["annotations"]}
-    assert gt[30] == [0, 0, 15, 15] and gt[31] == [25, 10, 5, 20] and not {32, 33, 34} & set(gt)
+    assert gt[30] == [0, 0, 15, 15] and gt[31] == [25, 10, 5, 20] and 33 not in gt
+
+
+@pytest.mark.parametrize("bbox, problem", [
+    ([40, 10, 5, 5], r"bbox \[40, 10, 5, 5\] lies entirely outside the 30x30 image \(b\.png\)"),
+    ([3, 3, -2, 7], r"bbox \[3, 3, -2, 7\] has a negative width or height"),
+])
+def test_negative_or_outside_box_is_an_error_or_skipped_and_listed(coco, bbox, problem):
+    js = base_json()
+    for a in js["annotations"]:
+        a.pop("segmentation")
+    js["annotations"].append({"id": 34, "image_id": 2, "category_id": 3, "bbox": bbox})
+    with pytest.raises(DatasetError, match=r"instances\.json: annotation 34 \(image 2\): " + problem):
+        CocoDetection(*coco(js), size=30)
+    ds = CocoDetection(*coco(js), size=30, skip_bad=True)
+    assert [item for item, _ in ds.report.skipped] == ["annotation 34 (image 2)"]
+    assert ds.report.dropped_zero_area == 0 and 34 not in {a["id"] for a in ds.coco_gt["annotations"]}
+    assert any("annotation 34 (image 2)" in line for line in ds.report.lines())
+
+
+def test_duplicate_image_id_names_both_files(coco):
+    js = base_json()
+    js["images"].append({"id": 2, "file_name": "a.png", "height": 40, "width": 60})
+    with pytest.raises(DatasetError, match=r"image 2: duplicate image id 2: 'b\.png' and 'a\.png'"):
+        CocoDetection(*coco(js))
+    ds = CocoDetection(*coco(js), skip_bad=True, size=32)
+    (item, problem), = ds.report.skipped
+    assert item == "image 2" and "'b.png' and 'a.png'" in problem and ds.image_ids == [1]
 
 
 def test_malformed_and_missing_json(coco):

@@ -126,6 +126,13 @@ def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
     return f"segmentation of type {type(segm).__name__}"
 
 
+#: PIL modes as a user knows them (the report lists each converted image with its original format)
+_MODE_NAMES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "32-bit float", "RGBA": "RGBA (alpha dropped)", "LA": "grayscale+alpha (alpha dropped)",
+               "PA": "palette+alpha (alpha dropped)", "P": "palette", "CMYK": "CMYK", "L": "grayscale",
+               "1": "1-bit", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV", "RGBX": "RGBX"}
+
+
 @dataclass
 class _Record:
     image_id: int
@@ -161,10 +168,13 @@ class CocoDetection(Dataset):
             images are found up front and ``len()`` counts only good ones. This costs one full
             decode per image; fine for the small datasets used here, slow for all of COCO.
 
-    Annotation-level checks (keys, unknown category, orphan annotation, box clipping and
-    zero-area boxes) always run at construction. Without image validation, a missing, truncated
-    or wrongly sized image raises in ``__getitem__`` and ``report.converted_images`` counts the
-    images converted so far in this process.
+    Annotation-level checks (keys, unknown category, orphan annotation, negative width or height,
+    a box entirely outside its image, box clipping and zero-area boxes) always run at construction.
+    A bad item raises ``DatasetError`` naming the file and the item, or with ``skip_bad`` is left out
+    and listed in ``report.skipped``; a zero-width or zero-height box is no target and is counted and
+    listed in ``report.dropped``. Without image validation, a missing, truncated or wrongly sized image
+    raises in ``__getitem__`` and ``report.converted`` lists the images converted so far in this
+    process.
     """
 
     def __init__(
@@ -226,6 +236,7 @@ class CocoDetection(Dataset):
         # images
         self._records: dict[int, _Record] = {}
         dropped_images: set[int] = set()
+        first_file: dict[int, str] = {}  # image id -> file_name of its first entry (duplicate messages)
         for k, img in enumerate(raw["images"]):
             iid = img.get("id") if isinstance(img, dict) else None
             item = f"image {iid if _is_int(iid) else '#' + str(k)}"
@@ -235,12 +246,14 @@ class CocoDetection(Dataset):
             if not _is_int(iid):
                 self._bad(item, "missing or non-integer 'id'")
                 continue
-            if iid in self._records or iid in dropped_images:
-                self._bad(item, "duplicate image id")
+            fname = img.get("file_name")
+            if iid in first_file:
+                self._bad(item, f"duplicate image id {iid}: {first_file[iid]!r} and {fname!r} (both left out: "
+                                "their annotations cannot be told apart)")
                 dropped_images.add(iid)
                 self._records.pop(iid, None)
                 continue
-            fname = img.get("file_name")
+            first_file[iid] = fname if isinstance(fname, str) else repr(fname)
             if not isinstance(fname, str) or not fname:
                 self._bad(item, "missing 'file_name'")
                 dropped_images.add(iid)
@@ -317,7 +330,14 @@ class CocoDetection(Dataset):
                     self._bad(item, f"malformed segmentation: {problem}")
                     continue
             x, y, w, h = (float(v) for v in bbox)
+            if w < 0 or h < 0:
+                self._bad(item, f"bbox {bbox!r} has a negative width or height (COCO boxes are [x, y, w, h])")
+                continue
             box, changed, positive = clip_boxes(np.array([[x, y, x + w, y + h]]), rec.width, rec.height)
+            if w > 0 and h > 0 and not positive[0]:
+                self._bad(item, f"bbox {bbox!r} lies entirely outside the {rec.width}x{rec.height} image "
+                                f"({rec.file_name})")
+                continue
             self._anns.setdefault(iid, []).append((k, ann, box[0], bool(changed[0]), bool(positive[0])))
 
     def _validate_images(self) -> None:
@@ -333,8 +353,7 @@ class CocoDetection(Dataset):
                 self._anns.pop(iid, None)
                 continue
             if mode != "RGB":
-                self._converted.add(iid)
-        self.report.converted_images = len(self._converted)
+                self._note_converted(rec, mode)
 
     def _finish(self) -> None:
         """Build per-image targets and the report counts for the images kept."""
@@ -345,6 +364,8 @@ class CocoDetection(Dataset):
                 self.report.clipped_boxes += int(changed)
                 if not positive:
                     self.report.dropped_zero_area += 1
+                    self.report.dropped.append((f"annotation {ann.get('id', '#' + str(k))} (image {iid})",
+                                                f"zero-area bbox {ann['bbox']!r}: not a target"))
                     continue
                 kept.append((k, ann, box if changed else None))
                 if ann.get("iscrowd", 0):
@@ -358,6 +379,13 @@ class CocoDetection(Dataset):
         self._kept_anns = [(ann, box) for _, ann, box in sorted(kept, key=lambda t: t[0])]
         self.image_ids: list[int] = sorted(self._records)
         del self._anns
+
+    def _note_converted(self, rec: _Record, mode: str) -> None:
+        """Count and list an image that was not 8-bit RGB (once per image)."""
+        self._converted.add(rec.image_id)
+        self.report.converted_images = len(self._converted)
+        self.report.converted.append((str(rec.path), f"{_MODE_NAMES.get(mode, mode)} converted to 8-bit RGB"))
+        log.info("%s: %s image converted to 8-bit RGB", rec.path, mode)
 
     # ----------------------------------------------------------------------- public API
 
@@ -412,8 +440,7 @@ class CocoDetection(Dataset):
         rec = self._records[self.image_ids[index]]
         arr, mode = load_checked(rec.path, (rec.height, rec.width), self.ann_file.name)
         if mode != "RGB" and rec.image_id not in self._converted:
-            self._converted.add(rec.image_id)
-            self.report.converted_images = len(self._converted)
+            self._note_converted(rec, mode)
         image, params = load_letterboxed(arr, self.size)
         item: dict[str, Any] = {
             "image": image,
