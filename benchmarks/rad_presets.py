@@ -61,50 +61,66 @@ def run(name: str, args) -> Path:
     return path
 
 
-def _interval(boot: dict | None, row_index: int) -> str:
-    """The black-box mean's interval of a row from the bootstrap block, as ' [lo, hi]' in x100."""
+def _ci(cell: dict | None, signed: bool = False) -> str:
+    """'value [lo, hi]' x100 of a bootstrap cell ({value, lo, hi})."""
+    if not cell:
+        return "-"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * cell['value'])} [{f.format(100 * cell['lo'])}, {f.format(100 * cell['hi'])}]"
+
+
+def _black_box_cells(boot: dict | None, label: str) -> tuple[dict | None, dict | None]:
+    """(the black-box mean's interval of row ``label``, the paired interval of that row minus the
+    Gaussian ablation) from a ``transfer_matrix`` bootstrap block."""
     if not boot:
-        return ""
-    for key in ("black_box", "rows"):
-        block = boot.get(key)
-        if isinstance(block, list) and row_index < len(block):
-            cell = block[row_index]
-            cell = cell.get("black_box", cell) if isinstance(cell, dict) else None
-            if isinstance(cell, dict) and "lo" in cell and "hi" in cell:
-                return f" [{100 * cell['lo']:.1f}, {100 * cell['hi']:.1f}]"
-    return ""
+        return None, None
+    row = next((r["black_box"] for r in boot["rows"] if r["label"] == label), None)
+    pair = next((p["black_box"] for p in boot["paired"] if p["row"] == label and p["baseline"] == "Ablation"), None)
+    return row, pair
 
 
 def table(args) -> str:
     lines = ["| configuration | RAD kwargs | white-box mAP50 yolov3 | black-box mean mAP50 [95 % CI] | "
-             "second-term share | mean abs delta | share at eps | images | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "RAD - Gaussian, black-box [95 % CI] | second-term share | mean abs delta | share at eps | images | "
+             "wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     clean = gauss = None
     for name in CONFIGS:
         path = Path(args.out) / f"{name}.json"
         if not path.exists():
-            lines.append(f"| {name} | `{CONFIGS[name]}` | (not run) | | | | | | |")
+            lines.append(f"| {name} | `{CONFIGS[name]}` | (not run) | | | | | | | |")
             continue
         res = json.loads(path.read_text())
         rows = res["rows"]
         clean = clean or rows[0]
         gauss = gauss or next((r for r in rows if r["attack"] == "gaussian"), None)
-        ri, row = next((i, r) for i, r in enumerate(rows) if r["attack"] == "rad")
+        row = next(r for r in rows if r["attack"] == "rad")
         d = row.get("diagnostics") or {}
         share = d.get("second_term_share")
+        bb, diff = _black_box_cells(res.get("bootstrap"), row["label"])
         lines.append(
-            f"| {name} | `{CONFIGS[name]}` | {100 * row['white_box']['map50']:.1f} | "
-            f"{100 * row['black_box']['map50']:.1f}{_interval(res.get('bootstrap'), ri)} | "
+            f"| {name} | `{CONFIGS[name]}` | {100 * row['white_box']['map50']:.1f} | {_ci(bb)} | {_ci(diff, True)} | "
             f"{'-' if share is None else f'{100 * share:.0f} %'} | {d.get('mean_abs_delta', float('nan')):.2f} | "
             f"{100 * d.get('share_at_eps', float('nan')):.1f} % | {res['images']} | {res['config']['wall_s']:.0f} |")
     if clean is not None:
         bb = [v for v in clean["metrics"] if v != "yolov3"]
         cm = sum(clean["metrics"][v]["map50"] for v in bb) / len(bb)
-        lines.append(f"| no attack | | {100 * clean['metrics']['yolov3']['map50']:.1f} | {100 * cm:.1f} | | | | | |")
+        lines.append(f"| no attack | | {100 * clean['metrics']['yolov3']['map50']:.1f} | {100 * cm:.1f} | | | | | | |")
     if gauss is not None:
         gm = sum(gauss["metrics"][v]["map50"] for v in bb) / len(bb)
         lines.append(f"| Gaussian ablation | | {100 * gauss['metrics']['yolov3']['map50']:.1f} | {100 * gm:.1f} | "
-                     f"| | | | |")
+                     f"| | | | | |")
+    models = {}
+    for name in CONFIGS:
+        path = Path(args.out) / f"{name}.json"
+        if path.exists():
+            for m, info in json.loads(path.read_text())["models"].items():
+                models.setdefault(m, set()).add(info.get("weights_sha256"))
+    if models:
+        lines += ["", "Weights (sha256) of every file in this table: " + "; ".join(
+            f"{m} `{', '.join(sorted(str(h) for h in hs))}`" for m, hs in models.items())]
+        if any(len(hs) > 1 for hs in models.values()):
+            lines.append("**warning: the files above were made with different weights of one model**")
     return "\n".join(lines)
 
 
