@@ -19,6 +19,7 @@ Other layers add attacks with ``register_attack`` (RAD registers ``rad``).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from advdet.attacks.base import Attack
@@ -34,6 +35,7 @@ from advdet.attacks.mtd import MTD
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
 from advdet.attacks.rad import RAD
 from advdet.attacks.size import Size
+from advdet.data.errors import OptionError, UnknownNameError
 
 __all__ = ["ATTACKS", "build_attack", "register_attack", "list_attacks", "CLASSIFIER_ATTACKS"]
 
@@ -75,12 +77,15 @@ def list_attacks() -> list[tuple[str, str]]:
 
 def build_attack(name: str, model: Any, **kw: Any) -> Attack:
     """Instantiate the attack ``name`` on ``model`` with keyword hyper-parameters (the class defaults
-    otherwise). An unknown name or hyper-parameter raises a ``KeyError`` / ``TypeError`` naming it."""
+    otherwise). An unknown name raises ``UnknownNameError`` (a ``KeyError``), an unknown or missing
+    hyper-parameter ``OptionError`` (a ``TypeError``), both naming it; a ``TypeError`` from inside the
+    attack's ``__init__`` is a bug and propagates as it is."""
     try:
         cls = ATTACKS[name]
     except KeyError:
-        raise KeyError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
+        raise UnknownNameError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
     try:
-        return cls(model, **kw)
+        inspect.signature(cls).bind(model, **kw)
     except TypeError as err:
-        raise TypeError(f"attack {name!r}: {err}") from None
+        raise OptionError(f"attack {name!r}: {err}") from None
+    return cls(model, **kw)

@@ -54,7 +54,7 @@ from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
 from advdet.bench.runtime import jsonable, release_memory, resolve_device
 from advdet.data.coco import decode_segmentation
 from advdet.data.coco_writer import CocoWriter, encode_mask
-from advdet.data.errors import DatasetError
+from advdet.data.errors import AdvdetError, DatasetError
 from advdet.data.io import atomic_write_json, read_json
 from advdet.data.letterbox import letterbox_boxes, letterbox_masks
 from advdet.data.registry import resolve_dataset
@@ -72,7 +72,7 @@ MANIFEST_FORMAT = "advdet-craft/1"
 PARTS_DIR = "parts"
 
 
-class CraftError(ValueError):
+class CraftError(AdvdetError):
     """A crafting job that cannot run as asked (wrong model for the attack, an output folder that holds
     another job, ...); the message says what to change."""
 
@@ -465,6 +465,8 @@ class _Job:
         linf = [m["linf"] for m in manifest_images]
         l2 = [m["l2"] for m in manifest_images]
         data_skipped = [{"item": item, "problem": problem} for item, problem in self.ds.report.skipped]
+        self.ds.note_formats(self.indices)  # conversions made in other processes too (workers, ranks)
+        report = self.ds.report.as_dict()
         cls = ATTACKS[self.attack_name]
         info = {"description": f"advdet adversarial dataset: {self.attack_name} on {self.model_name}",
                 "attack": self.attack_name, "surrogate": self.model_name, "seed": self.seed,
@@ -486,6 +488,9 @@ class _Job:
             "annotations": len(annotations),
             "skipped": skipped + data_skipped,
             "num_skipped": len(skipped) + len(data_skipped),
+            "dropped": report["dropped"],  # zero-area boxes: no target (counted, listed, printed)
+            "converted": report["converted"],  # images not 8-bit RGB (16-bit, RGBA, palette, CMYK, ...)
+            "clipped_boxes": report["clipped_boxes"],
             "rmse_mean": round(float(np.mean(rmse)), 6) if rmse else None,
             "rmse_max": round(float(np.max(rmse)), 6) if rmse else None,
             "l2_mean": round(float(np.mean(l2)), 4) if l2 else None,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from advdet.data.errors import AdvdetError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "UntrainedModelError", "load_model", "load_detector"]
@@ -21,7 +23,7 @@ _HOW = ("pass a weights file (Python weights=PATH, CLI --weights NAME=PATH) or a
         "explicitly (allow_untrained=True, CLI --allow-untrained)")
 
 
-class UntrainedModelError(ValueError):
+class UntrainedModelError(AdvdetError):
     """A model without trained weights was asked for; the message says how to give or allow it."""
 
 

@@ -45,6 +45,7 @@ from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
 from advdet.bench.loading import UntrainedModelError, load_detector
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.collate import collate_detection
+from advdet.data.errors import UnknownNameError
 from advdet.data.letterbox import unletterbox_boxes
 from advdet.models.detector import Detector
 
@@ -128,7 +129,7 @@ def _check_attack_names(attacks: Sequence[str]) -> None:
             continue
         if a not in ATTACKS:
             known = ", ".join(n for n in ATTACKS if n not in CLASSIFIER_ATTACKS)
-            raise KeyError(f"unknown attack {a!r}; the table's columns are {', '.join(TABLE_ATTACKS)}, dag-xie, "
+            raise UnknownNameError(f"unknown attack {a!r}; the table's columns are {', '.join(TABLE_ATTACKS)}, dag-xie, "
                            f"and any registered detector attack: {known}")
         if a in CLASSIFIER_ATTACKS:
             raise ValueError(f"attack {a!r} attacks an image classifier, not the detector itself; it has no "

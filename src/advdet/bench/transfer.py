@@ -63,6 +63,7 @@ from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, Failur
 from advdet.bench.loading import LoadedModel, UntrainedModelError, load_model
 from advdet.bench.runtime import release_memory, resolve_device
 from advdet.data.collate import collate_detection
+from advdet.data.errors import UnknownNameError
 from advdet.data.letterbox import LetterboxParams, letterbox_params, unletterbox_boxes
 from advdet.metrics.coco_map import coco_map
 from advdet.metrics.perturbation import perturbation_stats
@@ -180,7 +181,7 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
         if name == "gaussian":
             continue  # the Ablation row
         if name not in registry:
-            raise KeyError(f"unknown attack {name!r}; registered: {', '.join(registry)}")
+            raise UnknownNameError(f"unknown attack {name!r}; registered: {', '.join(registry)}")
         cls = registry[name]
         user = dict(attack_kwargs.get(name, {}))
         is_cls = _is_classifier_attack(name)

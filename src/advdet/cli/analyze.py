@@ -26,15 +26,7 @@ _UNTRAINED = typer.Option(False, help="Allow a model without trained weights (ra
 
 
 def _run(fn: Callable, **kw) -> dict:
-    from advdet.bench.robustness import UntrainedModelError
-    from advdet.data.errors import DatasetError
-    from advdet.models.weights import CheckpointError
-
-    try:
-        return fn(**kw)
-    except (UntrainedModelError, CheckpointError, DatasetError, KeyError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
-        raise typer.Exit(2) from None
+    return fn(**kw)  # user errors: one line from the CLI's handler (cli/app.py)
 
 
 def _fmt(v) -> str:

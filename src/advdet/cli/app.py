@@ -8,10 +8,60 @@ import os
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
 
 from advdet import __version__
+from advdet.data.errors import AdvdetError
 
-app = typer.Typer(help="advdet: adversarial robustness of object detectors (RAD, RobustDet).",
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one line to print for a user error, or None for a bug (which keeps its traceback).
+
+    User errors: ``AdvdetError`` (a bad file, name or option; the message names the file and the item),
+    a missing or unreadable file (``OSError`` with a file name), and, until every library check raises
+    ``AdvdetError``, a builtin ``ValueError`` (the parameter checks of the library) and a builtin
+    ``KeyError`` whose message is a sentence starting with "unknown " (the lookups of ``models.zoo`` and
+    ``training.methods``). A builtin ``KeyError('map')`` or any ``TypeError`` is a bug.
+    """
+    if isinstance(err, AdvdetError):
+        return str(err)
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    if type(err) is ValueError:
+        return str(err)
+    if (type(err) is KeyError and len(err.args) == 1 and isinstance(err.args[0], str)
+            and err.args[0].startswith("unknown ")):
+        return err.args[0]
+    return None
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr as one line: no rich markup (``[nan, 1]`` stays), no wrapping."""
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+
+
+class _AdvdetGroup(TyperGroup):
+    """The root command: the one place where a user error becomes one line and exit status 2.
+
+    Every subcommand runs inside its ``invoke``. ``ADVDET_TRACEBACK=1`` shows the traceback of user
+    errors too.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            message = None if os.environ.get("ADVDET_TRACEBACK") else user_error_message(err)
+            if message is None:
+                raise
+            print_error(message)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_AdvdetGroup, help="advdet: adversarial robustness of object detectors (RAD, RobustDet).",
                   no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Datasets: generate the synthetic shapes benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -8,23 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from advdet.cli.app import app, console, parse_overrides
+from advdet.data.errors import AdvdetError, UnknownNameError
 
-err_console = Console(stderr=True)
 log = logging.getLogger(__name__)
-
-#: errors that are the user's input (bad name, path, file, option): printed without a traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (KeyError, ValueError, TypeError, FileNotFoundError)
-
-
-def fail(err: BaseException) -> None:
-    """Print a user error on stderr and exit with status 2."""
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def print_attack_list() -> None:
@@ -61,10 +50,12 @@ def print_card_summary(card: dict, out: Path, title: str | None = None) -> None:
     table.add_row("images/s", f(run.get("images_per_s"), "{:.3g}"))
     console.print(table)
     console.print(f"output: {out}", soft_wrap=True, highlight=False)
-    for s in card.get("skipped", [])[:10]:
-        console.print(f"  skipped {s['item']}: {s['problem']}", highlight=False)
-    if card["num_skipped"] > 10:
-        console.print(f"  ... and {card['num_skipped'] - 10} more (see card.json)")
+    for verb, items in (("skipped", card.get("skipped", [])), ("dropped", card.get("dropped", [])),
+                        ("converted", card.get("converted", []))):
+        for s in items[:10]:  # markup off: "bbox [nan, 1, 2, 3]" is text, not a rich tag
+            console.print(f"  {verb} {s['item']}: {s['problem']}", markup=False, highlight=False, soft_wrap=True)
+        if len(items) > 10:
+            console.print(f"  ... and {len(items) - 10} more {verb} (see card.json)", highlight=False)
 
 
 def print_evaluation(evaluation: dict, title: str) -> None:
@@ -112,16 +103,16 @@ def attack_cmd(
         print_attack_list()
         return
     if not attack or out is None:
-        fail(ValueError("--attack and --out are required (or --list)"))
+        raise AdvdetError("--attack and --out are required (or --list)")
     from advdet.attacks.registry import CLASSIFIER_ATTACKS
     from advdet.bench.craft import craft_dataset, init_distributed, load_attack_registry, shutdown_distributed
 
     registry = load_attack_registry()
     if attack not in registry:
-        fail(KeyError(f"unknown attack {attack!r}; known: {', '.join(registry)} (see advdet attack --list)"))
+        raise UnknownNameError(f"unknown attack {attack!r}; known: {', '.join(registry)} (see advdet attack --list)")
     if model is None:
         if attack not in CLASSIFIER_ATTACKS:
-            fail(ValueError(f"--model is required for the detector attack {attack!r}"))
+            raise AdvdetError(f"--model is required for the detector attack {attack!r}")
         model = "classifier"
     try:
         kw = parse_overrides(set_)
@@ -142,9 +133,5 @@ def attack_cmd(
                 ev = evaluate_split(out, [(model, str(weights) if weights else None)], batch_size=batch_size,
                                     device=str(dev) if dev else None, pretrained=not untrained)
                 print_evaluation(ev, f"{model}: clean vs adversarial (white-box)")
-    except typer.Exit:
-        raise
-    except USER_ERRORS as err:
-        fail(err)
-    finally:
+    finally:  # user errors: one line from the CLI's handler (cli/app.py); bugs keep their traceback
         shutdown_distributed()

@@ -78,11 +78,9 @@ def robustness_cmd(
         no_ci: bool = typer.Option(False, "--no-ci", help="No bootstrap intervals (same as --n-boot 0)."),
         ci_seed: int = typer.Option(0, help="Seed of the bootstrap resamples.")) -> None:
     """White-box robustness of detectors, laid out like RobustDet Table 1 (mAP50 per model and attack)."""
-    from advdet.bench.robustness import (UntrainedModelError, attack_label, robustness_report,
-                                         robustness_steps_sweep, robustness_table, sweep_rows, table_rows)
-    from advdet.data.errors import DatasetError
+    from advdet.bench.robustness import (attack_label, robustness_report, robustness_steps_sweep,
+                                         robustness_table, sweep_rows, table_rows)
     from advdet.data.io import atomic_write_json
-    from advdet.models.weights import CheckpointError
 
     model_list = split_list(models, "models")
     attack_list = split_list(attacks, "attacks")
@@ -94,14 +92,10 @@ def robustness_cmd(
               allow_untrained=allow_untrained, voc_split=voc_split, skip_bad=skip_bad,
               n_boot=0 if no_ci else n_boot, boot_seed=ci_seed)
     sweep = step_list is not None and len(step_list) > 1
-    try:
-        if sweep:
-            result = robustness_steps_sweep(model_list, attack_list, steps=step_list, **kw)
-        else:
-            result = robustness_table(model_list, attack_list, steps=step_list[0] if step_list else None, **kw)
-    except (UntrainedModelError, CheckpointError, DatasetError, KeyError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
-        raise typer.Exit(2) from None
+    if sweep:
+        result = robustness_steps_sweep(model_list, attack_list, steps=step_list, **kw)
+    else:
+        result = robustness_table(model_list, attack_list, steps=step_list[0] if step_list else None, **kw)
 
     from advdet.bench import intervals as ci
     from advdet.bench.robustness import ATTACK_LABELS

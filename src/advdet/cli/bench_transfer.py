@@ -186,10 +186,9 @@ def bench_transfer(
                                         "baseline row.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
-    from advdet.bench.transfer import ModelUnavailable, json_ready, transfer_matrix, transfer_report
-    from advdet.data.errors import DatasetError
+    from advdet.bench.transfer import json_ready, transfer_matrix, transfer_report
+    from advdet.data.errors import AdvdetError
     from advdet.data.io import atomic_write_json
-    from advdet.models.weights import CheckpointError
 
     if metric not in ("map", "map50", "map75"):
         raise typer.BadParameter(f"--metric must be map, map50 or map75, got {metric!r}")
@@ -198,22 +197,17 @@ def bench_transfer(
         raise typer.BadParameter(f"--n-boot must be >= 0, got {n_boot}")
     victim_list = _split(victims) or trained_detectors()
     if not victim_list:
-        console.print("[red]error:[/] no trained zoo detector to use as victim; pass --victims "
-                      "(and --allow-untrained for random weights)")
-        raise typer.Exit(2)
-    try:
-        result = transfer_matrix(
-            _split(surrogate), _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
-            batch_size=batch_size, seed=seed, device=resolve_device(device),
-            attack_kwargs=parse_attack_settings(set_), weights=parse_weights(weights), sweep=sweep,
-            sizes=parse_sizes(size, _split(surrogate) + victim_list + [classifier]),
-            sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
-            skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,
-            skip_bad=skip_bad, use_gt=use_gt, progress=True, n_boot=0 if no_ci else n_boot, boot_seed=ci_seed,
-            paired_with=paired_with)
-    except (ModelUnavailable, KeyError, ValueError, TypeError, DatasetError, CheckpointError) as err:
-        console.print(f"[red]error:[/] {err.args[0] if isinstance(err, KeyError) and err.args else err}")
-        raise typer.Exit(2) from None
+        raise AdvdetError("no trained zoo detector to use as victim; pass --victims "
+                          "(and --allow-untrained for random weights)")
+    result = transfer_matrix(
+        _split(surrogate), _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
+        batch_size=batch_size, seed=seed, device=resolve_device(device),
+        attack_kwargs=parse_attack_settings(set_), weights=parse_weights(weights), sweep=sweep,
+        sizes=parse_sizes(size, _split(surrogate) + victim_list + [classifier]),
+        sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
+        skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,
+        skip_bad=skip_bad, use_gt=use_gt, progress=True, n_boot=0 if no_ci else n_boot, boot_seed=ci_seed,
+        paired_with=paired_with)
     print_transfer(result, console, metric)
     if json_out:
         atomic_write_json(json_out, json_ready(result), indent=2)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from advdet.cli.app import app, console, parse_overrides
-from advdet.cli.attack import USER_ERRORS, fail, print_card_summary, print_evaluation
+from advdet.cli.attack import print_card_summary, print_evaluation
 
 
 @app.command("dataset")
@@ -57,12 +57,7 @@ def dataset_cmd(
                            batch_size=batch_size, seed=seed, skip_bad=skip_bad, victims=parse_victims(evaluate),
                            device=str(dev) if dev else None, pretrained=not untrained, labels=labels,
                            workers=workers, input_size=size, seg_input_size=seg_size)
-    except typer.Exit:
-        raise
-    except USER_ERRORS as err:
-        fail(err)
-        return
-    finally:
+    finally:  # user errors: one line from the CLI's handler (cli/app.py)
         shutdown_distributed()
     if rank != 0:
         return

@@ -1,4 +1,8 @@
-"""`advdet eval`: COCO mAP of a model on a dataset."""
+"""`advdet eval`: COCO mAP of a model on a dataset.
+
+A bad image, annotation file or weights file is a user error (``AdvdetError``): one line naming the
+file and the item, exit status 2, from the CLI's handler in ``cli/app.py``.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
              device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
              skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
     """COCO box (and mask) mAP of a model on a COCO-format dataset."""
+    from advdet.data.errors import DatasetError
     from advdet.data.io import atomic_write_json
     from advdet.data.registry import build_dataset
     from advdet.models.evaluate import predict_dataset, score_results
@@ -32,6 +37,10 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
     det = build_model(model, weights=weights)
     det.to(resolve_device(device))
     ds = build_dataset(data, ann, size=size or det.input_size, skip_bad=skip_bad)
+    k = getattr(det, "num_classes", None)
+    if k is not None and k != ds.num_classes:
+        raise DatasetError(getattr(ds, "ann_file", data), f"{ds.num_classes} categories, but {model} predicts {k} "
+                                                          "classes: evaluate it on data with its label space")
     results, ids = predict_dataset(det, ds, batch_size, limit)
     out = {"model": model, "data": data,
            **score_results(ds.coco_gt, results, ids, getattr(det, "has_masks", False))}
@@ -42,8 +51,11 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
         if isinstance(v, float):
             table.add_row(k, f"{v:.4f}")
     console.print(table)
-    if ds.report.num_skipped or ds.report.clipped_boxes or ds.report.dropped_zero_area:
-        console.print(f"data report: {ds.report.as_dict()}")
+    if "segm_note" in out:
+        console.print(f"note: {out['segm_note']}", markup=False, highlight=False, soft_wrap=True)
+    for line in ds.report.lines():  # markup off: bracketed text such as "bbox [nan, 1, 2, 3]" stays
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    out["data_report"] = ds.report.as_dict()
     if json_out:
         atomic_write_json(json_out, out, indent=2)
     if predictions:

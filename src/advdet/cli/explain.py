@@ -7,16 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from advdet.cli.app import app, console, resolve_device
-
-_err = Console(stderr=True)
+from advdet.data.errors import AdvdetError
 
 
 def _fail(msg: str) -> None:
-    _err.print(f"[bold red]error:[/bold red] {msg}", highlight=False)
-    raise typer.Exit(2)
+    raise AdvdetError(msg)  # one line and exit 2 from the CLI's handler (cli/app.py)
 
 
 @app.command("explain")
@@ -44,9 +41,7 @@ def explain_cmd(
     import torch
 
     from advdet.data.coco import load_letterboxed
-    from advdet.data.errors import DatasetError
     from advdet.data.io import read_image_rgb
-    from advdet.models.weights import CheckpointError
     from advdet.models.zoo import build_model, is_external
     from advdet.relevance import NodeSelection, explain_image
 
@@ -54,22 +49,19 @@ def explain_cmd(
         _fail(f"--nodes must be >= 1 and --boxes >= 0 (got {nodes}, {boxes})")
     if out.suffix.lower() != ".png":
         _fail(f"--out {out}: the figure is written as PNG; give a .png path")
-    try:
-        sel = NodeSelection(m=nodes, node_type=node_type)  # type: ignore[arg-type]
-        if variant not in ("paper", "rad_code"):
-            raise ValueError(f"--variant must be 'paper' or 'rad_code', got {variant!r}")
-        arr, _ = read_image_rgb(image)
-        if threads is not None:
-            torch.set_num_threads(max(1, threads))
-        torch.manual_seed(seed)
-        if is_external(model):
-            det = build_model(model, weights=weights, num_classes=num_classes, input_size=size)
-        else:
-            det = build_model(model, weights=weights, pretrained=not untrained)
-            if size is not None and size != det.input_size:
-                raise ValueError(f"--size {size}: {model} takes {det.input_size} x {det.input_size} inputs")
-    except (DatasetError, CheckpointError, ValueError, KeyError) as err:
-        _fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
+    sel = NodeSelection(m=nodes, node_type=node_type)  # type: ignore[arg-type]
+    if variant not in ("paper", "rad_code"):
+        raise AdvdetError(f"--variant must be 'paper' or 'rad_code', got {variant!r}")
+    arr, _ = read_image_rgb(image)
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    torch.manual_seed(seed)
+    if is_external(model):
+        det = build_model(model, weights=weights, num_classes=num_classes, input_size=size)
+    else:
+        det = build_model(model, weights=weights, pretrained=not untrained)
+        if size is not None and size != det.input_size:
+            raise AdvdetError(f"--size {size}: {model} takes {det.input_size} x {det.input_size} inputs")
     dev = resolve_device(device)
     det.to(dev).eval()
     x, _ = load_letterboxed(arr, det.input_size)

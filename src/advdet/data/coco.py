@@ -387,6 +387,22 @@ class CocoDetection(Dataset):
         self.report.converted.append((str(rec.path), f"{_MODE_NAMES.get(mode, mode)} converted to 8-bit RGB"))
         log.info("%s: %s image converted to 8-bit RGB", rec.path, mode)
 
+    def note_formats(self, indices: list[int] | None = None) -> None:
+        """Count and list the images (of ``indices``, default all) that are not 8-bit RGB, from their
+        headers only (no decode). A report written after images were loaded in other processes
+        (DataLoader workers, torchrun ranks) lists every conversion this way."""
+        for i in range(len(self)) if indices is None else indices:
+            rec = self._records[self.image_ids[i]]
+            if rec.image_id in self._converted:
+                continue
+            try:
+                with Image.open(rec.path) as img:
+                    mode = img.mode
+            except (OSError, SyntaxError, ValueError):
+                continue  # a bad image is reported where it is decoded
+            if mode != "RGB":
+                self._note_converted(rec, mode)
+
     # ----------------------------------------------------------------------- public API
 
     @property

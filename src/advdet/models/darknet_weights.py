@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from advdet.data.errors import AdvdetError
+
 __all__ = ["DarknetHeader", "DarknetWeightsError", "DarknetWeightsNotFound", "load_darknet_weights",
            "save_darknet_weights", "darknet_float_count"]
 
 
-class DarknetWeightsError(ValueError):
+class DarknetWeightsError(AdvdetError):
     """A Darknet weights file that does not fit the network; the message names the file."""
 
 

@@ -60,11 +60,33 @@ def evaluate_detector(detector: Detector, dataset, batch_size: int = 8, limit: i
     return score_results(dataset.coco_gt, results, ids, getattr(detector, "has_masks", False))
 
 
+#: the note ``score_results`` returns when a mask model meets ground truth without masks
+NO_MASK_GT_NOTE = ("mask mAP needs mask annotations: the ground truth has no 'segmentation' on {n} of its "
+                   "{total} non-crowd annotations (a detection-only dataset); box mAP only")
+
+
+def gt_has_masks(gt: dict) -> tuple[int, int]:
+    """(non-crowd annotations of ``gt`` without a segmentation, all non-crowd annotations)."""
+    targets = [a for a in gt.get("annotations", []) if not a.get("iscrowd", 0)]
+    segm = [a.get("segmentation") for a in targets]
+    missing = sum(1 for m in segm if not (isinstance(m, dict) or (isinstance(m, list) and m)))
+    return missing, len(targets)
+
+
 def score_results(gt: dict, results: list[dict], ids: list[int], masks: bool) -> dict:
-    """COCO box mAP of ``results`` on images ``ids`` (plus ``segm_*`` keys when ``masks``), and ``images``."""
+    """COCO box mAP of ``results`` on images ``ids`` (plus ``segm_*`` keys when ``masks``), and ``images``.
+
+    A mask model on ground truth without masks (a detection-only COCO set) gets box mAP and a
+    ``segm_note`` that says why there is no mask mAP, instead of failing inside pycocotools.
+    """
     out = coco_map(gt, results, "bbox", image_ids=ids)
     if masks:
-        segm = coco_map(gt, [r for r in results if "segmentation" in r], "segm", image_ids=ids)
-        out.update({f"segm_{k}": v for k, v in segm.items()})
+        missing, total = gt_has_masks(gt)
+        if missing:
+            out["segm_note"] = NO_MASK_GT_NOTE.format(n=missing, total=total)
+            log.info(out["segm_note"])
+        else:
+            segm = coco_map(gt, [r for r in results if "segmentation" in r], "segm", image_ids=ids)
+            out.update({f"segm_{k}": v for k, v in segm.items()})
     out["images"] = len(ids)
     return out

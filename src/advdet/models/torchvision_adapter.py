@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -77,7 +78,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from .detector import Detector, DenseOutput, NMSConfig, check_finite
 from .tiny_backbone import LEVEL_STRIDES, tiny_resnet_fpn
-from .weights import CheckpointError  # the project's one checkpoint error (message names the file)
+from .weights import CheckpointError, unsafe_pickle_error  # the project's one checkpoint error (message names the file)
 
 log = logging.getLogger(__name__)
 
@@ -600,6 +601,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise unsafe_pickle_error(path) from None
     except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file name
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -12,12 +13,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from advdet.data.errors import AdvdetError
 from advdet.data.io import atomic_write_json
 from advdet.models.int8_storage import from_int8_storage, round_to_int8_storage, to_int8_storage
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdvdetError):
     """A weights file that does not fit the model (or cannot be read); the message names the file."""
+
+
+def unsafe_pickle_error(path: str | os.PathLike) -> CheckpointError:
+    """The one-line error for a pickle checkpoint that ``torch.load(weights_only=True)`` refuses: it
+    names the file and how to convert it to safetensors (never advises ``weights_only=False`` here)."""
+    p = Path(path)
+    dst = p.with_suffix(".safetensors")
+    return CheckpointError(
+        f"{p}: refused to load: this pickle checkpoint holds objects other than tensors and could run code "
+        f"when loaded. If you trust its source, convert it once to safetensors and pass that file: python -c "
+        f"\"import torch; from safetensors.torch import save_file; sd = torch.load('{p}', weights_only=False); "
+        f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items()}}, '{dst}')\"")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -81,6 +95,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return from_int8_storage(load_file(str(path)))
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise unsafe_pickle_error(path) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated weights file ({err})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
