@@ -173,3 +173,23 @@ def test_defaults_follow_rad_appendix_e2_and_the_reference_code():
     assert len(di.copies(x, torch.Generator())) == 5  # the original + 4 resized, pasted copies (p = 1)
     assert (ti.size, ti.nsig) == (15, 3.0) and mi.mu == 1.0
     assert (si.stage, di.stage, ti.stage, mi.stage) == (0, 0, 1, 2)
+
+
+def test_si_reuses_the_gradient_of_its_repeated_unscaled_term():
+    """RAD's SI counts x twice; with a deterministic inner gradient the second term reuses the first
+    (4 gradient evaluations, not 5) and the average is unchanged."""
+    from advdet.attacks.transforms import SI
+
+    calls = []
+
+    def grad(x):
+        calls.append(float(x.abs().sum()))
+        return torch.cos(3 * x)
+
+    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gen = torch.Generator()
+    reused = SI().wrap(grad, gen, deterministic=True)(x)
+    assert len(calls) == 4
+    again = SI().wrap(grad, gen)(x)
+    assert len(calls) == 4 + 5
+    torch.testing.assert_close(reused, again, rtol=0, atol=0)

@@ -241,7 +241,7 @@ def test_rad_card_carries_its_diagnostics(shapes6, tmp_path):
     card = craft_dataset("rad", "ssd_vgg", shapes6, tmp_path / "rad", limit=3, batch_size=2, seed=0, steps=1,
                          progress=False)
     d = card["diagnostics"]
-    assert d["gradient_evaluations"] == 3 * 1 * 5  # 3 images, 1 iteration, RAD's 5 SI terms
+    assert d["gradient_evaluations"] == 3 * 1 * 4  # 3 images, 1 iteration, 4 distinct SI inputs (x counts twice)
     assert 0.0 <= d["second_term_share"] <= 1.0 and len(d["relevance_per_iteration"]) == 1
     assert 0 < d["mean_abs_delta"] <= 16 and 0 <= d["share_at_eps"] <= 1
     pgd = craft_dataset("pgd", "yolov3", shapes6, tmp_path / "pgd", limit=1, batch_size=1, **PGD)

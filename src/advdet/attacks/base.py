@@ -388,8 +388,8 @@ class Attack:
             filters = []
         if self.update == "term_mean_abs":
             fn = _compose(fn, [_TermNormalizer()])
-        for tr in reversed([t for t in transforms if t.stage == 0]):
-            fn = tr.wrap(fn, self.generator)
+        for i, tr in enumerate(reversed([t for t in transforms if t.stage == 0])):
+            fn = tr.wrap(fn, self.generator, deterministic=i == 0)  # only the innermost wraps a pure gradient
         g = fn(x_adv)
         for tr in filters + [t for t in transforms if t.stage == 2]:
             g = tr.process(g)

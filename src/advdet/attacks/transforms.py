@@ -47,8 +47,10 @@ class GradientTransform:
     def reset(self, x: torch.Tensor) -> None:
         """Called at the start of every attack run (clears momentum)."""
 
-    def wrap(self, grad_fn: GradFn, generator: torch.Generator) -> GradFn:
-        """Input transforms: a gradient function averaging ``grad_fn`` over transformed inputs."""
+    def wrap(self, grad_fn: GradFn, generator: torch.Generator, deterministic: bool = False) -> GradFn:
+        """Input transforms: a gradient function averaging ``grad_fn`` over transformed inputs.
+        ``deterministic``: ``grad_fn`` gives the same result for the same input (no random transform
+        inside it), so a copy that repeats another (SI's second unscaled term) reuses its gradient."""
         return grad_fn
 
     def process(self, g: torch.Tensor) -> torch.Tensor:
@@ -71,13 +73,15 @@ class InputTransform(GradientTransform):
     def copies(self, x: torch.Tensor, generator: torch.Generator) -> list[Callable[[torch.Tensor], torch.Tensor] | None]:
         raise NotImplementedError  # pragma: no cover
 
-    def wrap(self, grad_fn: GradFn, generator: torch.Generator) -> GradFn:
+    def wrap(self, grad_fn: GradFn, generator: torch.Generator, deterministic: bool = False) -> GradFn:
         def averaged(x: torch.Tensor) -> torch.Tensor:
-            total = None
+            total = identity = None
             maps = self.copies(x, generator)
             for fn in maps:
-                if fn is None:
-                    g = grad_fn(x)
+                if fn is None and deterministic and identity is not None:
+                    g = identity  # the same input again (RAD's SI counts x twice): the same gradient
+                elif fn is None:
+                    g = identity = grad_fn(x)
                 else:
                     xr = x.detach().requires_grad_(True)
                     with torch.enable_grad():
