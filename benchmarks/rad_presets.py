@@ -42,6 +42,13 @@ CONFIGS: dict[str, dict] = {
 VICTIMS = ["yolov3", "ssd_vgg", "retinanet", "fcos", "fasterrcnn", "maskrcnn"]
 
 
+def _micro_batch(args) -> dict:
+    """RAD's ``micro_batch`` from ``--micro-batch`` (``auto`` leaves RAD's default); it changes memory and
+    speed, not the images."""
+    mb = args.micro_batch
+    return {} if mb == "auto" else {"micro_batch": None if mb == "none" else int(mb)}
+
+
 def run(name: str, args) -> Path:
     from advdet.bench.transfer import json_ready, transfer_matrix
 
@@ -51,10 +58,11 @@ def run(name: str, args) -> Path:
         return path
     t0 = time.perf_counter()
     res = transfer_matrix(["yolov3"], ["rad"], VICTIMS, "shapes-val", limit=args.limit, batch_size=args.batch,
-                          attack_kwargs={"rad": CONFIGS[name]}, relevance=False, examples=0, progress=False,
+                          attack_kwargs={"rad": {**CONFIGS[name], **_micro_batch(args)}}, relevance=False, examples=0, progress=False,
                           n_boot=args.n_boot, on_progress=lambda m: print(f"  {name}: {m}", flush=True))
     out = json_ready(res)
-    out["config"] = {"name": name, "rad_kwargs": CONFIGS[name], "wall_s": round(time.perf_counter() - t0, 1)}
+    out["config"] = {"name": name, "rad_kwargs": {**CONFIGS[name], **_micro_batch(args)},
+                     "wall_s": round(time.perf_counter() - t0, 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"{name}: wrote {path} ({out['config']['wall_s']} s)", flush=True)
@@ -132,6 +140,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list, in this order")
     ap.add_argument("--out", default="benchmarks/results/rad_presets")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--micro-batch", default="auto", help="RAD micro_batch: auto, none or an int")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the files in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
