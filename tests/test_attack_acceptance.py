@@ -7,7 +7,7 @@
   untrained small models of every family (no weights needed).
 
 The zoo tests use the first images of shapes-val (generated here: image i of a split depends only on
-(seed, split, i)) and skip with a reason when the zoo weights of their model are not shipped. To keep
+(seed, split, i)) and fail when the zoo weights of their model are missing (they are shipped). To keep
 the file short they run fewer iterations than the defaults (``ZOO_FAST``); the A_cls test runs the
 defaults.
 """
@@ -52,8 +52,7 @@ _CLEAN: dict[tuple[str, int], float] = {}
 
 def zoo_model(name: str):
     entry = zoo_entry(name)
-    if not entry.trained:
-        pytest.skip(f"zoo weights {entry.weights_path.name} not shipped yet (train: advdet zoo train {name})")
+    assert entry.trained, f"zoo weights {entry.weights_path.name} are missing (train: advdet zoo train {name})"
     if name not in _MODELS:
         _MODELS[name] = build_model(name).eval()
     return _MODELS[name], entry

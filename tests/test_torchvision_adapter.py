@@ -26,8 +26,8 @@ K = 3
 # post-processing paths produce detections, which the tests assert.
 BUILDERS = {
     "retinanet": lambda: retinanet_tiny(num_classes=K, input_size=S, score_thresh=0.005),
-    "retinanet_v1_head": lambda: retinanet_tiny(num_classes=K, input_size=S, score_thresh=0.005,
-                                                group_norm_head=False),
+    "retinanet_gn_head": lambda: retinanet_tiny(num_classes=K, input_size=S, score_thresh=0.005,
+                                                group_norm_head=True),  # torchvision's v2 head
     "fcos": lambda: fcos_tiny(num_classes=K, input_size=S, score_thresh=0.05),
     "fasterrcnn": lambda: fasterrcnn_tiny(num_classes=K, input_size=S),
     "maskrcnn": lambda: maskrcnn_tiny(num_classes=K, input_size=S),
@@ -40,6 +40,17 @@ TWO_STAGE = {"fasterrcnn", "maskrcnn"}
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     return BUILDERS[name]().eval()
+
+
+def test_retinanet_head_variants_differ():
+    """The default head has no normalisation (torchvision v1); the GroupNorm variant has GroupNorm(32)
+    after each head conv (v2): the two BUILDERS entries really are two heads."""
+    def norms(name):
+        return [m for m in build(name).model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+    assert norms("retinanet") == []
+    gn = norms("retinanet_gn_head")
+    assert len(gn) == 8 and all(m.num_groups == 32 for m in gn)  # 4 convs in each of the 2 towers
 
 
 COLORS = torch.tensor([[0.9, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.2, 0.95]])
