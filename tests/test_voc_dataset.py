@@ -1,5 +1,7 @@
 """VOCDetection on a tiny VOC tree built in tmp_path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -74,6 +76,8 @@ def test_clipping_and_zero_area(voc):
     ds = VOCDetection(voc, year=2007, size=50)
     # car (40,20,70,45) clipped to x<=50; cat (50,4,55,9) lies outside -> clipped then dropped
     assert ds.report.clipped_boxes == 2 and ds.report.dropped_zero_area == 1
+    (item, problem), = ds.report.dropped  # listed, not only counted
+    assert "000002.xml object #" in item and "(cat)" in item and "no area inside the 50x" in problem
     it = ds[1]
     assert it["boxes"].tolist() == [[40, 20, 50, 45], [0, 0, 10, 10]]
     assert it["labels"].tolist() == [6, 19]
@@ -134,6 +138,8 @@ def test_grayscale_converted_and_size_from_header(voc):
     assert it["orig_size"] == (30, 40) and it["boxes"].tolist() == [[0, 5, 40, 35]]
     assert ((it["image"][:, 5:35] * 255 - 90).abs() < 2).all()
     assert ds.report.converted_images == 1
+    assert [(Path(f).name, what) for f, what in ds.report.converted] == [
+        ("000005.jpg", "grayscale converted to 8-bit RGB")]
 
 
 def test_non_numeric_ids_and_collate(voc):

@@ -127,7 +127,7 @@ def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
 
 
 #: PIL modes as a user knows them (the report lists each converted image with its original format)
-_MODE_NAMES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+MODE_NAMES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
                "F": "32-bit float", "RGBA": "RGBA (alpha dropped)", "LA": "grayscale+alpha (alpha dropped)",
                "PA": "palette+alpha (alpha dropped)", "P": "palette", "CMYK": "CMYK", "L": "grayscale",
                "1": "1-bit", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV", "RGBX": "RGBX"}
@@ -384,7 +384,7 @@ class CocoDetection(Dataset):
         """Count and list an image that was not 8-bit RGB (once per image)."""
         self._converted.add(rec.image_id)
         self.report.converted_images = len(self._converted)
-        self.report.converted.append((str(rec.path), f"{_MODE_NAMES.get(mode, mode)} converted to 8-bit RGB"))
+        self.report.converted.append((str(rec.path), f"{MODE_NAMES.get(mode, mode)} converted to 8-bit RGB"))
         log.info("%s: %s image converted to 8-bit RGB", rec.path, mode)
 
     def note_formats(self, indices: list[int] | None = None) -> None:

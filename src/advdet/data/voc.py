@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET  # local trusted files; defusedxml is not a dependency
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from advdet.data.coco import clip_boxes, image_size, load_checked, load_letterboxed
+from advdet.data.coco import MODE_NAMES, clip_boxes, image_size, load_checked, load_letterboxed
 from advdet.data.errors import DataReport, DatasetError
 from advdet.data.letterbox import letterbox_boxes
 
@@ -43,6 +43,7 @@ class _Record:
     difficult: np.ndarray
     clipped: int = 0
     dropped: int = 0
+    dropped_items: list = field(default_factory=list)  # (item, problem) of each zero-area box left out
 
 
 class VOCDetection(Dataset):
@@ -112,13 +113,20 @@ class VOCDetection(Dataset):
                     self._bad(err.path, err.problem, err)
                     continue
                 if mode != "RGB":
-                    self._converted.add(image_id)
+                    self._note_converted(rec, mode)
             self._records.append(rec)
         self.report.converted_images = len(self._converted)
         for rec in self._records:
             self.report.clipped_boxes += rec.clipped
             self.report.dropped_zero_area += rec.dropped
+            self.report.dropped += rec.dropped_items
         self.image_ids: list[int] = [r.image_id for r in self._records]
+
+    def _note_converted(self, rec: _Record, mode: str) -> None:
+        """Count and list an image that was not 8-bit RGB (once per image)."""
+        self._converted.add(rec.image_id)
+        self.report.converted_images = len(self._converted)
+        self.report.converted.append((str(rec.path), f"{MODE_NAMES.get(mode, mode)} converted to 8-bit RGB"))
 
     def _bad(self, item: str | os.PathLike, problem: str, err: DatasetError | None = None) -> None:
         if not self.skip_bad:
@@ -146,7 +154,7 @@ class VOCDetection(Dataset):
         if w <= 0 or h <= 0:
             h, w = image_size(path)
 
-        boxes, labels, difficult = [], [], []
+        boxes, labels, difficult, items = [], [], [], []
         for j, obj in enumerate(tree.findall("object")):
             cls = (obj.findtext("name") or "").strip()
             item = f"{xml} object #{j} ({cls or '?'})"
@@ -170,15 +178,18 @@ class VOCDetection(Dataset):
             if diff and not self.keep_difficult:
                 continue
             boxes.append([x1 - 1.0, y1 - 1.0, x2, y2])
+            items.append((item, (x1, y1, x2, y2)))
             labels.append(VOC_CLASSES.index(cls))
             difficult.append(diff)
 
         clipped, changed, positive = clip_boxes(np.array(boxes, dtype=np.float64), w, h)
+        dropped_items = [(item, f"box {tuple(float(v) for v in xyxy)} has no area inside the {w}x{h} image: "
+                                "not a target") for (item, xyxy), keep in zip(items, positive) if not keep]
         return _Record(image_id, name, path.name, path, xml, h, w,
                        clipped[positive].astype(np.float32),
                        np.asarray(labels, dtype=np.int64).reshape(-1)[positive],
                        np.asarray(difficult, dtype=bool).reshape(-1)[positive],
-                       clipped=int(changed.sum()), dropped=int((~positive).sum()))
+                       clipped=int(changed.sum()), dropped=int((~positive).sum()), dropped_items=dropped_items)
 
     @property
     def num_classes(self) -> int:
@@ -195,8 +206,7 @@ class VOCDetection(Dataset):
         rec = self._records[index]
         arr, mode = load_checked(rec.path, (rec.height, rec.width), rec.xml.name)
         if mode != "RGB" and rec.image_id not in self._converted:
-            self._converted.add(rec.image_id)
-            self.report.converted_images = len(self._converted)
+            self._note_converted(rec, mode)
         image, params = load_letterboxed(arr, self.size)
         return {
             "image": image,
