@@ -238,3 +238,28 @@ def test_format_conversions_are_counted_listed_and_printed(images, tmp_path):
                          "cmyk.jpg": "CMYK converted to 8-bit RGB"}
     for name, what in converted.items():
         assert f"converted {d / name}: {what}" in res.output
+
+
+# ----------------------------------------------------------------------------- advdet bench robustness
+
+
+def test_bench_robustness_prints_and_stores_the_data_report(images, tmp_path):
+    d, ann = images
+    Image.fromarray(np.zeros((64, 80, 4), np.uint8), "RGBA").save(d / "rgba.png")
+    imgs = [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 80} for i in range(3)]
+    imgs.append({"id": 3, "file_name": "rgba.png", "height": 64, "width": 80})
+    anns = [{"id": i + 1, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20]} for i in range(3)]
+    anns.append({"id": 11, "image_id": 2, "category_id": 1, "bbox": [200, 200, 10, 10]})  # outside the image
+    path = ann(imgs, anns)
+    out = tmp_path / "t.json"
+    args = ["bench", "robustness", "--models", "ssd_vgg", "--attacks", "clean", "--data", d, "--ann", path,
+            "--no-ci", "--device", "cpu", "--json", out]
+    line = one_error_line(invoke(*args))
+    assert "annotation 11 (image 2): bbox [200, 200, 10, 10] lies entirely outside the 80x64 image" in line
+    res = invoke(*args, "--skip-bad")
+    assert res.exit_code == 0, res.output
+    assert "skipped annotation 11 (image 2): bbox [200, 200, 10, 10] lies entirely outside" in res.output
+    assert f"converted {d / 'rgba.png'}: RGBA (alpha dropped) converted to 8-bit RGB" in res.output
+    report = json.loads(out.read_text())["data_report"]
+    assert [s["item"] for s in report["skipped"]] == ["annotation 11 (image 2)"]
+    assert report["converted_images"] == 1

@@ -129,8 +129,8 @@ def _check_attack_names(attacks: Sequence[str]) -> None:
             continue
         if a not in ATTACKS:
             known = ", ".join(n for n in ATTACKS if n not in CLASSIFIER_ATTACKS)
-            raise UnknownNameError(f"unknown attack {a!r}; the table's columns are {', '.join(TABLE_ATTACKS)}, dag-xie, "
-                           f"and any registered detector attack: {known}")
+            raise UnknownNameError(f"unknown attack {a!r}; the table's columns are {', '.join(TABLE_ATTACKS)}, "
+                                   f"dag-xie, and any registered detector attack: {known}")
         if a in CLASSIFIER_ATTACKS:
             raise ValueError(f"attack {a!r} attacks an image classifier, not the detector itself; it has no "
                              "place in a white-box robustness table")
@@ -344,6 +344,8 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
     out["metric"] = resolved_metric
     out["images"] = n_images
     out["intervals"] = None
+    # what the reader skipped, dropped or converted (the same source images at every size)
+    out["data_report"] = next(iter(datasets.values())).report.as_dict() if datasets else None
     if n_boot:
         from advdet.bench.intervals import grid_intervals
 
@@ -398,7 +400,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
               "eps": out["eps"], "steps": steps, "seed": out["seed"], "models": list(models), "attacks": attacks,
               "map50": {m: {a: out["scores"][m][a]["map50"] for a in attacks} for m in models},
               "seconds": out["seconds"], "scores": out["scores"], "weights": out["weights"],
-              "attack_settings": out["attack_settings"], "intervals": out["intervals"]}
+              "attack_settings": out["attack_settings"], "intervals": out["intervals"],
+              "data_report": out["data_report"]}
     return result
 
 
@@ -438,7 +441,8 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
             "map50": {m: {a: [sc[m][f"{a}@{s}"]["map50"] for s in steps] for a in sweep} for m in models},
             "clean": {m: sc[m]["clean"]["map50"] for m in models} if include_clean else None,
             "seconds": {m: {a: [secs[m][f"{a}@{s}"] for s in steps] for a in sweep} for m in models},
-            "weights": out["weights"], "attack_settings": out["attack_settings"], "intervals": out["intervals"]}
+            "weights": out["weights"], "attack_settings": out["attack_settings"], "intervals": out["intervals"],
+            "data_report": out["data_report"]}
 
 
 # ------------------------------------------------------------------------------------ presentation

@@ -567,6 +567,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                                                               "values": _sweep_values(rows)},
         "models": {k: m.info() for k, m in loaded.items()}, "class_names": cat_names,
         "rows": row_out, "bootstrap": boot, "skipped": skipped, "notes": notes, "device": str(dev),
+        "data_report": ds0.report.as_dict(),  # what the reader skipped, dropped or converted
         "seconds": round(time.perf_counter() - t_start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3), "torch_threads": torch.get_num_threads(),
         "_examples": ex_store, "_row_specs": rows, "_bootstrap_samples": boot_samples,

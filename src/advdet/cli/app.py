@@ -116,6 +116,15 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 
+def print_data_report(report: dict | None) -> None:
+    """The lines of a stored data report (``DataReport.as_dict``): counts, then every skipped, dropped and
+    converted item; rich markup off, so bracketed text such as ``bbox [nan, 1, 2, 3]`` is printed as is."""
+    from advdet.data.errors import DataReport
+
+    for line in DataReport.from_dict(report).lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def resolve_device(device: str | None):
     """``--device`` value, or CUDA when present, else CPU."""
     import torch

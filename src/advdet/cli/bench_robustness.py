@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from advdet.cli.app import bench_app, console, resolve_device
+from advdet.cli.app import bench_app, console, print_data_report, resolve_device
 
 
 def split_list(value: str, what: str) -> list[str]:
@@ -122,6 +122,7 @@ def robustness_cmd(
             if paired is not None:
                 _print_table(f"Paired: each model minus {block['baseline']}, {metric_name} points "
                              "(same resamples)", *paired, caption=note)
+    print_data_report(result.get("data_report"))
     if json_out:
         atomic_write_json(json_out, result, indent=2)
     if report:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from advdet.cli.app import bench_app, console, parse_overrides, resolve_device
+from advdet.cli.app import bench_app, console, parse_overrides, print_data_report, resolve_device
 
 DEFAULT_ATTACKS = "cls-pgd,dag-eps,dfool,loc,rad"
 
@@ -209,6 +209,7 @@ def bench_transfer(
         skip_bad=skip_bad, use_gt=use_gt, progress=True, n_boot=0 if no_ci else n_boot, boot_seed=ci_seed,
         paired_with=paired_with)
     print_transfer(result, console, metric)
+    print_data_report(result.get("data_report"))
     if json_out:
         atomic_write_json(json_out, json_ready(result), indent=2)
         console.print(f"JSON: {json_out}")

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from advdet.cli.app import app, console, resolve_device
+from advdet.cli.app import app, console, print_data_report, resolve_device
 
 
 @app.command("eval")
@@ -53,9 +53,8 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDE
     console.print(table)
     if "segm_note" in out:
         console.print(f"note: {out['segm_note']}", markup=False, highlight=False, soft_wrap=True)
-    for line in ds.report.lines():  # markup off: bracketed text such as "bbox [nan, 1, 2, 3]" stays
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
     out["data_report"] = ds.report.as_dict()
+    print_data_report(out["data_report"])
     if json_out:
         atomic_write_json(json_out, out, indent=2)
     if predictions:

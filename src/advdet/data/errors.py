@@ -77,6 +77,15 @@ class DataReport:
             "converted": [{"item": item, "problem": problem} for item, problem in self.converted],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DataReport":
+        """The inverse of ``as_dict`` (a report stored in a card or a result JSON); None -> empty."""
+        d = d or {}
+        return cls(clipped_boxes=int(d.get("clipped_boxes", 0)),
+                   dropped_zero_area=int(d.get("dropped_zero_area", 0)),
+                   converted_images=int(d.get("converted_images", 0)),
+                   **{k: [(e["item"], e["problem"]) for e in d.get(k, [])] for k in ("skipped", "dropped", "converted")})
+
     def lines(self, limit: int = 10) -> list[str]:
         """Human-readable lines: the counts, then each skipped, dropped and converted item (first
         ``limit`` of each kind)."""
