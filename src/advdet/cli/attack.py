@@ -49,7 +49,7 @@ def print_card_summary(card: dict, out: Path, title: str | None = None) -> None:
     table.add_row("time (s)", f(run.get("seconds"), "{:.1f}"))
     table.add_row("images/s", f(run.get("images_per_s"), "{:.3g}"))
     console.print(table)
-    console.print(f"output: {out}", soft_wrap=True, highlight=False)
+    console.print(f"output: {out}", soft_wrap=True, highlight=False, markup=False)
     for verb, items in (("skipped", card.get("skipped", [])), ("dropped", card.get("dropped", [])),
                         ("converted", card.get("converted", []))):
         for s in items[:10]:  # markup off: "bbox [nan, 1, 2, 3]" is text, not a rich tag

@@ -115,9 +115,9 @@ def print_transfer(result: dict, out: Console | None = None, metric: str = "map"
                   _fmt(vals["hallucination"], 1.0), f"{r['seconds']['craft']:.1f}")
     out.print(f)
     for s in result.get("skipped", []):
-        out.print(f"[yellow]skipped:[/] {s}")
+        out.print(f"[yellow]skipped:[/] {escape(str(s))}")
     for s in result.get("notes", []):
-        out.print(f"[dim]note: {s}[/]")
+        out.print(f"[dim]note: {escape(str(s))}[/]")
 
 
 def print_intervals(result: dict, out: Console | None = None) -> None:

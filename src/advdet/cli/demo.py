@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from advdet.cli.app import app, console, resolve_device
 
@@ -47,7 +48,7 @@ def demo(out: Path = typer.Option(Path("advdet-report"), help="Folder of the rep
                   f"on {n} shapes-val images, then the robustness table; report -> {out}")
     result = run_demo(out, limit=n, robust_limit=robust_limit or DEMO_ROBUST_LIMIT,
                       robust_steps=robust_steps or DEMO_ROBUST_STEPS, batch_size=batch_size, seed=seed,
-                      device=resolve_device(device), note=lambda m: console.print(f"[yellow]{m}[/]"))
+                      device=resolve_device(device), note=lambda m: console.print(f"[yellow]{escape(m)}[/]"))
     if result["transfer"] is not None:
         print_transfer({**result["transfer"], "skipped": [], "notes": result["transfer"]["notes"]}, console)
     if result["robustness"] is not None:
