@@ -65,7 +65,9 @@ def test_error_classes_share_one_base():
 
 @pytest.mark.parametrize("command", ["eval", "attack", "dataset"])
 @pytest.mark.parametrize("bug", [KeyError("map"), TypeError("unsupported operand type(s)"),
-                                 AttributeError("'NoneType' object has no attribute 'boxes'")])
+                                 AttributeError("'NoneType' object has no attribute 'boxes'"),
+                                 ValueError("operands could not be broadcast together"),
+                                 KeyError("unknown key raised outside advdet")])
 def test_a_bug_keeps_its_traceback(monkeypatch, images, tmp_path, command, bug):
     """Builtin KeyError/TypeError inside a command are bugs: they propagate (traceback), not "error: 'map'"
     with exit 2 (what `attack` and `dataset` printed before)."""
@@ -86,16 +88,26 @@ def test_a_bug_keeps_its_traceback(monkeypatch, images, tmp_path, command, bug):
     assert "error:" not in res.output
 
 
-def test_user_error_is_one_line_exit_2(monkeypatch, images):
-    import advdet.models.zoo as zoo
-
-    def unknown(*a, **k):  # models.zoo's lookup raises a builtin KeyError with a sentence
-        raise KeyError("unknown zoo model 'nope'; known: retinanet")
-
-    monkeypatch.setattr(zoo, "build_model", unknown)
-    d, ann = images
+def test_unknown_zoo_model_is_one_line_exit_2(images):
+    d, ann = images  # models.zoo's lookup raises a builtin KeyError with a sentence
     res = invoke("eval", "--model", "nope", "--data", d, "--ann", ann(), "--device", "cpu")
-    assert one_error_line(res) == "error: unknown zoo model 'nope'; known: retinanet"
+    assert one_error_line(res).startswith("error: unknown zoo model 'nope'; known: ")
+
+
+def test_a_value_error_of_advdet_is_one_line_and_advdet_traceback_shows_it(images, tmp_path, monkeypatch):
+    d, ann = images
+    args = ("dataset", "--data", d, "--ann", ann(), "--out", tmp_path / "o", "--attack", "gaussian",
+            "--det-surrogate", "", "--seg-surrogate", "")
+    assert "no split to build" in one_error_line(invoke(*args))  # a ValueError raised by bench.aoco
+    monkeypatch.setenv("ADVDET_TRACEBACK", "1")
+    res = invoke(*args)
+    assert isinstance(res.exception, ValueError) and res.exit_code == 1
+
+
+def test_eval_batch_size_zero_is_a_usage_error(images):
+    d, ann = images  # torch's DataLoader would raise a ValueError (a traceback: not raised by advdet)
+    res = invoke("eval", "--model", "retinanet", "--data", d, "--ann", ann(), "--batch-size", "0")
+    assert res.exit_code == 2 and "--batch-size" in res.output and "Traceback" not in res.output
 
 
 def test_unknown_attack_name_and_hyperparameter_are_user_errors(images, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -15,25 +16,40 @@ from advdet import __version__
 from advdet.data.errors import AdvdetError
 
 err_console = Console(stderr=True, soft_wrap=True)
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/advdet
+
+
+def _raised_in_advdet(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is advdet's own code (not torch, numpy, ...)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
 
 
 def user_error_message(err: BaseException) -> str | None:
     """The one line to print for a user error, or None for a bug (which keeps its traceback).
 
     User errors: ``AdvdetError`` (a bad file, name or option; the message names the file and the item),
-    a missing or unreadable file (``OSError`` with a file name), and, until every library check raises
-    ``AdvdetError``, a builtin ``ValueError`` (the parameter checks of the library) and a builtin
-    ``KeyError`` whose message is a sentence starting with "unknown " (the lookups of ``models.zoo`` and
-    ``training.methods``). A builtin ``KeyError('map')`` or any ``TypeError`` is a bug.
+    a missing or unreadable file (``OSError`` with a file name), and, until every check of the library
+    raises ``AdvdetError``, a builtin ``ValueError`` raised by advdet's own code (its parameter checks)
+    and a builtin ``KeyError`` raised by advdet's own code whose message is a sentence starting with
+    "unknown " (the name lookups of ``models.zoo`` and ``training.methods``). Everything else is a bug:
+    a ``KeyError('map')``, any ``TypeError``, a ``ValueError`` from inside torch or numpy.
     """
     if isinstance(err, AdvdetError):
         return str(err)
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or err}"
-    if type(err) is ValueError:
+    if type(err) is ValueError and _raised_in_advdet(err):
         return str(err)
     if (type(err) is KeyError and len(err.args) == 1 and isinstance(err.args[0], str)
-            and err.args[0].startswith("unknown ")):
+            and err.args[0].startswith("unknown ") and _raised_in_advdet(err)):
         return err.args[0]
     return None
 
