@@ -1,6 +1,6 @@
 """The attacks layer: the ``Attack`` base (``base``), gradient transforms SI/DI/TI/MI (``transforms``),
 loss-based detector attacks (PGD, A_cls, A_loc, CWA, MTD), DAG, Dfool, Loc/Size, the Gaussian ablation,
-classifier transfer baselines, quantisation-safe saving (``quantize``) and the registry."""
+the feature-level OSFD, classifier transfer baselines, quantisation-safe saving (``quantize``) and the registry."""
 
 from advdet.attacks.base import Attack, eval_mode, letterbox_mask, nonzero_mask
 from advdet.attacks.classifier import ClassifierMIDIPGD, ClassifierMITIPGD, ClassifierPGD, ClassifierSIPGD
@@ -10,6 +10,7 @@ from advdet.attacks.dfool import Dfool
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
+from advdet.attacks.osfd import OSFD
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
 from advdet.attacks.quantize import load_png, quantize_adv, save_adversarial_png, save_png, to_uint8
 from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack, list_attacks, register_attack
@@ -19,7 +20,7 @@ from advdet.attacks.transforms import DI, MI, SI, TI, GradientTransform, InputTr
 __all__ = [
     "Attack", "eval_mode", "letterbox_mask", "nonzero_mask",
     "PGD", "ClsAttack", "LocAttack", "CWA", "MTD", "DAG", "DAGEps", "adversarial_label_map", "Dfool",
-    "LocShift", "Size", "GaussianNoise",
+    "LocShift", "Size", "GaussianNoise", "OSFD",
     "ClassifierPGD", "ClassifierSIPGD", "ClassifierMIDIPGD", "ClassifierMITIPGD",
     "GradientTransform", "InputTransform", "SI", "DI", "TI", "MI", "gaussian_kernel",
     "to_uint8", "quantize_adv", "save_png", "load_png", "save_adversarial_png",

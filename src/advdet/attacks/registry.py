@@ -9,6 +9,8 @@ Names:
 - attacks on the clean detections (RAD Tables 1 and 3; eps 16, step 2, 10 steps, eq. 5):
   ``dfool``, ``loc-shift`` (RAD's "Localization"; ``loc`` is A_loc), ``size``;
 - ``gaussian``: RAD's noise ablation;
+- ``osfd``: OSFD's feature-level transfer baseline (Ding et al., AAAI 2024; ``attacks/osfd.py``; eps 16,
+  step 2, 10 steps, MI, sign), on the backbone maps each family declares (``Detector.feature_layers``);
 - ``ens-pgd``: sign-PGD on an ensemble's detection losses, each member's gradient L1-normalised
   (``attacks/ensemble.py``; its model is a ``SurrogateEnsemble``, or one detector);
 - classifier transfer baselines (RAD Table 3; eps 16, step 2, 10 steps, sign): ``cls-pgd``,
@@ -32,6 +34,7 @@ from advdet.attacks.ensemble import EnsemblePGD
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
+from advdet.attacks.osfd import OSFD
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
 from advdet.attacks.rad import RAD
 from advdet.attacks.size import Size
@@ -68,6 +71,7 @@ for _cls in (ClassifierPGD, ClassifierSIPGD, ClassifierMIDIPGD, ClassifierMITIPG
 register_attack(RobustDetDAG)  # DAG as RobustDet's Table 1 runs it (attacks/dag_robustdet.py)
 register_attack(RAD)  # RAD, the Relevance Attack on Detectors (attacks/rad.py)
 register_attack(EnsemblePGD)  # ensembles of surrogates (attacks/ensemble.py)
+register_attack(OSFD)  # feature-level transfer baseline (attacks/osfd.py)
 
 
 def list_attacks() -> list[tuple[str, str]]:

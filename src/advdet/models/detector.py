@@ -10,18 +10,34 @@ wrapper normalises internally, so gradients reach raw pixels.
   and ``loc`` (plus family-specific terms). ``targets`` is a list of dicts with ``boxes`` (N, 4) xyxy in
   input pixels and ``labels`` (N,) int64 contiguous (``masks`` (N, S, S) for mask models).
 - ``model``: the wrapped ``nn.Module``, so relevance rules can be applied to its layers.
+- ``feature_layers() -> dict[str, nn.Module]``: the backbone maps that feature-level attacks (``osfd``)
+  distort, by qualified module name inside the detector (family knowledge: each family declares its own;
+  the base raises :class:`FeatureLayerError`); ``features(x, layers)`` returns their outputs for ``x``,
+  differentiable, running the forward only as far as the last of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from advdet.data.errors import AdvdetError
+
 ScoreMode = Literal["softmax_bg", "sigmoid"]
+
+
+class FeatureLayerError(AdvdetError):
+    """A detector declares no backbone feature layer, or not the one asked for (a user error: pick another
+    surrogate or layer)."""
+
+
+class _FeaturesReached(Exception):
+    """Raised by the forward hooks of ``Detector.features`` once every requested map is captured: the rest of
+    the forward pass (neck, heads, decoding) is skipped."""
 
 
 @dataclass
@@ -139,6 +155,58 @@ class Detector(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    # -- backbone features (feature-level attacks) -------------------------------------------------------
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The backbone maps a feature-level attack (``osfd``) distorts: qualified module name inside this
+        detector (``dict(self.named_modules())[name]`` is the module) -> module whose output is the map,
+        ordered shallow to deep. Each family declares its own (see its class); the base has none."""
+        raise FeatureLayerError(
+            f"{type(self).__name__} (family {self.family!r}) declares no backbone feature layers; "
+            "feature-level attacks (osfd) need a detector class that implements feature_layers() "
+            "(ssd_vgg, robustdet, yolov3 and the torchvision families do)")
+
+    def feature_forward(self, x: torch.Tensor) -> Any:
+        """A forward pass that runs every feature layer (default ``dense(x)``); ``features`` stops it right
+        after the last requested map."""
+        return self.dense(x)
+
+    def features(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of the feature layers ``layers`` (names of ``feature_layers()``; None: all of them) for
+        ``x`` (B, 3, S, S) in [0, 1], differentiable w.r.t. ``x``, in the order asked. Captured with
+        forward hooks during ``feature_forward(x)``, which stops once every map is captured."""
+        available = self.feature_layers()
+        names = list(available) if layers is None else list(dict.fromkeys(layers))
+        unknown = [n for n in names if n not in available]
+        if unknown or not names:
+            raise FeatureLayerError(f"{type(self).__name__} (family {self.family!r}) has no feature layer "
+                                    f"{', '.join(map(repr, unknown)) or '(none asked)'}; "
+                                    f"its layers: {', '.join(available)}")
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(f"feature layer {name!r} of {type(self).__name__} returned "
+                                    f"{type(output).__name__}, not a tensor")
+                captured.setdefault(name, output)
+                if len(captured) == len(names):
+                    raise _FeaturesReached
+
+            return fn
+
+        handles = [available[n].register_forward_hook(hook(n)) for n in names]
+        try:
+            self.feature_forward(x)
+        except _FeaturesReached:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in captured]
+        if missing:  # a declared layer the forward never ran: a bug of the family's declaration
+            raise RuntimeError(f"{type(self).__name__}.feature_forward did not run feature layers {missing}")
+        return {n: captured[n] for n in names}
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for a wrongly shaped input (the contract is (B, 3, S, S) in [0, 1])."""

@@ -133,6 +133,7 @@ class RobustSSD(Detector):
     encode_targets = SSDVGG.encode_targets
     multibox_loss = SSDVGG.multibox_loss
     postprocess = SSDVGG.postprocess
+    feature_layers = SSDVGG.feature_layers  # the same ReLUs of conv4_3 and conv7 in the dynamic-conv VGG
 
     @property
     def has_cfr(self) -> bool:

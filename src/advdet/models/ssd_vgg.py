@@ -208,6 +208,14 @@ class SSDVGG(Detector):
     def postprocess(self, dense: DenseOutput) -> list[dict]:
         return postprocess_dense(dense, self.nms, self.input_size)
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The two maps the VGG trunk hands to the heads, as mmdetection's ``SSDVGG`` backbone returns them
+        (``out_feature_indices=(22, 34)``): ``model.vgg.22``, the ReLU of conv4_3 before the L2Norm
+        (stride 8), and ``model.vgg.34``, the ReLU of conv7 / fc7 (stride 16)."""
+        last = len(self.model.vgg) - 1
+        return {f"model.vgg.{CONV4_3_INDEX + 1}": self.model.vgg[CONV4_3_INDEX + 1],
+                f"model.vgg.{last}": self.model.vgg[last]}
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> list[dict]:
         dense = self.dense(x)

@@ -275,6 +275,34 @@ class TorchvisionDetector(Detector):
         m.score_thresh, m.nms_thresh = cfg.score_thresh, cfg.nms_thresh
         m.topk_candidates, m.detections_per_img = cfg.pre_nms_topk, cfg.max_detections
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The backbone body's output stages, the maps the neck (FPN) or the heads read, as mmdetection's
+        backbones return them:
+
+        - ResNet / MobileNet bodies (``BackboneWithFPN``: every family's tiny zoo model, the ResNet-50 and
+          MobileNetV3 builders): the layers the body's ``IntermediateLayerGetter`` returns, e.g.
+          ``model.backbone.body.layer1`` .. ``layer4`` (Faster / Mask R-CNN, P2-P6) or ``layer2`` ..
+          ``layer4`` (RetinaNet, FCOS, SSD on the tiny P3-P7 backbone);
+        - SSD300-VGG16: ``model.backbone.features`` (ReLU of conv4_3, before the L2 scale) and
+          ``model.backbone.extra.0`` (ReLU of conv7 / fc7);
+        - SSDlite: ``model.backbone.features.0`` and ``model.backbone.features.1`` (its two MobileNetV3
+          stages before the extra blocks).
+
+        Other backbones raise :class:`FeatureLayerError`."""
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+        from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
+
+        bb = self.model.backbone
+        body = getattr(bb, "body", None)
+        if isinstance(body, IntermediateLayerGetter):
+            return {f"model.backbone.body.{n}": body[n] for n in body.return_layers}
+        if isinstance(bb, SSDFeatureExtractorVGG):
+            return {"model.backbone.features": bb.features, "model.backbone.extra.0": bb.extra[0]}
+        if isinstance(bb, SSDLiteFeatureExtractorMobileNet):
+            return {"model.backbone.features.0": bb.features[0], "model.backbone.features.1": bb.features[1]}
+        return super().feature_layers()
+
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True) -> None:
         """Load a local state dict (torch.load weights_only / safetensors) into ``self.model``.
 

@@ -306,6 +306,13 @@ class YOLOv3Detector(Detector):
     def predict(self, x: torch.Tensor) -> list[dict]:
         return postprocess_dense(self.dense(x), self.nms, x.shape[-1])
 
+    def feature_layers(self) -> dict[str, nn.Module]:
+        """The three Darknet-53 stages the head reads, C3, C4, C5 (strides 8, 16, 32; cfg layers 36, 61,
+        74), as mmdetection's ``Darknet`` backbone returns them (``out_indices=(3, 4, 5)``):
+        ``model.stages.2``, ``model.stages.3``, ``model.stages.4``."""
+        n = len(self.model.stages)
+        return {f"model.stages.{i}": self.model.stages[i] for i in range(n - 3, n)}
+
     # ---------------------------------------------------------------- training loss
     def _check_targets(self, targets: list[dict], b: int) -> None:
         if len(targets) != b:
