@@ -1,5 +1,7 @@
 """`advdet analyze loss-change | entanglement | confidence`: the analyses of RobustDet section 3.2 (Fig. 3,
-Fig. 4) and the confidence distribution of Fig. 7c; each writes NAME.png and NAME.json into --out."""
+Fig. 4) and the confidence distribution of Fig. 7c; each writes NAME.png and NAME.json into --out.
+`advdet analyze relevance-similarity`: RAD's premise (Fig. 1), the correlation of the relevance maps of
+every pair of detectors; writes relevance_similarity.json and one PNG per map kind into --out."""
 
 from __future__ import annotations
 
@@ -105,3 +107,45 @@ def confidence_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data
                   [(attack_label(k), str(d["n"]), "-" if d["mean"] is None else f"{d['mean']:.3f}",
                     "-" if d["median"] is None else f"{d['median']:.3f}")
                    for k, d in res["conditions"].items()])
+
+
+@analyze_app.command("relevance-similarity")
+def relevance_similarity_cmd(
+        models: str = typer.Option(..., help="Comma list of at least 2 detectors: zoo names (e.g. "
+                                             "yolov3,ssd_vgg,fcos) or torchvision:BUILDER."),
+        weights: list[str] = typer.Option([], help="NAME=PATH weights for a model (repeatable); default: the "
+                                                   "zoo's shipped weights."),
+        data: str = _DATA, ann: Optional[Path] = _ANN, limit: int = _LIMIT,
+        batch_size: int = typer.Option(4, help="Images per batch (per model)."),
+        top: int = typer.Option(20, help="Target nodes T per image: each model's top-m cls nodes (RAD's m)."),
+        variant: str = typer.Option("paper", help="SGLRP head: paper (eq. 2) or rad_code (RAD's released code)."),
+        gradient: str = typer.Option("abs", help="Baseline input-gradient map: abs (sum over RGB of |grad|) or "
+                                                 "signed (sum over RGB of grad)."),
+        out: Path = _OUT, device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+    """RAD Fig. 1: Spearman and cosine correlation of the multi-node SGLRP maps (and of input-gradient maps,
+    the baseline) between every pair of detectors on clean images, on the original image grid."""
+    from advdet.bench.relevance_similarity import KINDS, run_relevance_similarity
+    from advdet.cli.bench_robustness import parse_weights, split_list
+
+    model_list = split_list(models, "models")
+    res = _run(run_relevance_similarity, models=model_list, data=data, out_dir=out,
+               weights=parse_weights(weights, model_list), ann=ann, limit=limit, batch_size=batch_size, top=top,
+               variant=variant, gradient=gradient, device=resolve_device(device), allow_untrained=allow_untrained)
+    names = res["models"]
+    for kind in KINDS:
+        k = res["kinds"][kind]
+        table = Table(title=f"{'multi-node SGLRP' if kind == 'sglrp' else 'input-gradient'} maps: Spearman / "
+                            f"cosine, mean over {res['images']} images")
+        table.add_column("model")
+        for name in names:
+            table.add_column(name, justify="right")
+        for i, name in enumerate(names):
+            table.add_row(name, *(f"{_corr(k['spearman'][i][j])} / {_corr(k['cosine'][i][j])}"
+                                  for j in range(len(names))))
+        console.print(table)
+    console.print(f"wrote {', '.join(res['pngs'].values())} and {res['json']}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+def _corr(v) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -87,7 +87,8 @@ bench_app = typer.Typer(help="Benchmarks: transfer tables (RAD) and robustness t
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 analyze_app = typer.Typer(help="Analyses of RobustDet section 3.2 (loss change, gradient entanglement, "
-                          "confidence).", no_args_is_help=True)
+                          "confidence) and of RAD's premise (relevance-map similarity between detectors).",
+                          no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
 console = Console()
 if not console.is_terminal and "COLUMNS" not in os.environ:
