@@ -246,3 +246,16 @@ def test_rad_card_carries_its_diagnostics(shapes6, tmp_path):
     assert 0 < d["mean_abs_delta"] <= 16 and 0 <= d["share_at_eps"] <= 1
     pgd = craft_dataset("pgd", "yolov3", shapes6, tmp_path / "pgd", limit=1, batch_size=1, **PGD)
     assert pgd["diagnostics"] is None
+
+
+def test_ensemble_surrogate_dataset_and_unknown_member(shapes6, tmp_path):
+    card = craft_dataset("pgd", "yolov3+ssd_vgg", shapes6, tmp_path / "ens", limit=1, steps=1, eps=4,
+                         attack_kwargs={"weights": "loss", "normalize": True}, pretrained=False, progress=False)
+    assert card["surrogate"]["family"] == "ensemble" and set(card["surrogate"]["members"]) == {"yolov3", "ssd_vgg"}
+    hp = card["attack"]["hyperparameters"]
+    assert hp["attack"] == "pgd" and hp["members"] == ["yolov3", "ssd_vgg"] and hp["weights"] == "loss"
+    assert hp["normalize"] is True and card["linf_max"] == 4
+    res = CliRunner().invoke(app, ["attack", "--attack", "pgd", "--surrogate", "yolov3+nope", "--untrained",
+                                   "--data", str(shapes6), "--out", str(tmp_path / "x")], terminal_width=200)
+    assert res.exit_code == 2, res.output
+    assert "ensemble 'yolov3+nope': unknown member 'nope'" in " ".join(res.output.split()), res.output

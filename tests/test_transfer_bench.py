@@ -412,3 +412,49 @@ def test_rad_rows_carry_diagnostics_into_json_and_report(tiny_data, tiny_models,
     assert all(r["diagnostics"] is None for r in res["rows"] if r["attack"] != "rad")
     md = transfer_report(json_ready(res)).write(tmp_path).joinpath("report.md").read_text()
     assert "## RAD diagnostics" in md
+
+
+def test_ensemble_surrogate_and_leave_one_out_rows(tiny_data, tiny_models):
+    from advdet.data.errors import AdvdetError
+
+    res = transfer_matrix(["yolo+ssd"], ["pgd"], ["yolo", "ssd", "retina"], tiny_data, models=tiny_models, limit=2,
+                          batch_size=2, seed=1, attack_kwargs={"pgd": {"steps": 1}}, progress=False, examples=0,
+                          relevance=False, device="cpu", n_boot=0, leave_one_out=["yolo", "ssd"])
+    rows = {r["label"]: r for r in res["rows"]}
+    assert list(rows) == [NO_ATTACK, ABLATION, "pgd", "ens-pgd without yolo", "ens-pgd without ssd"]
+    assert rows["pgd"]["surrogate"] == "yolo+ssd" and rows["pgd"]["black_box"]["victims"] == ["retina"]
+    assert rows["pgd"]["white_box"] is None
+    assert rows["ens-pgd without yolo"]["held_out"] == "yolo"
+    assert rows["ens-pgd without yolo"]["black_box"]["victims"] == ["yolo"]
+    assert rows["ens-pgd without ssd"]["surrogate"] == "yolo"
+    assert res["leave_one_out"] == ["yolo", "ssd"]
+    assert set(res["models"]["yolo+ssd"]["members"]) == {"yolo", "ssd"}
+    json.dumps(json_ready(res))
+    # the ensembles of the leave-one-out protocol need one input size (retina is 96 px, the others 64)
+    with pytest.raises(AdvdetError, match="share one input size"):
+        transfer_matrix([], ["pgd"], ["yolo", "ssd", "retina"], tiny_data, models=tiny_models, limit=2,
+                        progress=False, examples=0, relevance=False, device="cpu", n_boot=0, leave_one_out=True)
+
+
+def test_cli_bench_transfer_leave_one_out_and_unknown_member(tiny_data, tmp_path):
+    """`--leave-one-out` (no --surrogate: only the leave-one-out rows) and `a+b` with an unknown member."""
+    from typer.testing import CliRunner
+
+    from advdet.cli import app
+
+    out_json = tmp_path / "loo.json"
+    r = CliRunner().invoke(app, ["bench", "transfer", "--leave-one-out", "--victims", "yolov3,ssd_vgg",
+                                 "--attacks", "pgd", "--set", "pgd.steps=1", "--set", "pgd.weights=loss",
+                                 "--data", tiny_data, "--limit", "1", "--batch-size", "1", "--allow-untrained",
+                                 "--no-ci", "--no-relevance", "--json", str(out_json), "--device", "cpu"],
+                           terminal_width=200)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out_json.read_text())
+    assert [row["label"] for row in res["rows"]] == [NO_ATTACK, ABLATION, "ens-pgd without yolov3",
+                                                     "ens-pgd without ssd_vgg"]
+    assert [row["black_box"]["victims"] for row in res["rows"][2:]] == [["yolov3"], ["ssd_vgg"]]
+    assert "leave-one-out over yolov3, ssd_vgg" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["bench", "transfer", "--surrogate", "yolov3+nope", "--victims", "yolov3",
+                                 "--attacks", "pgd", "--data", tiny_data, "--limit", "1", "--allow-untrained"],
+                           terminal_width=200)
+    assert r.exit_code == 2 and "unknown member 'nope'" in " ".join(r.output.split()), r.output

@@ -1,12 +1,14 @@
 """The attacks layer: the ``Attack`` base (``base``), gradient transforms SI/DI/TI/MI (``transforms``),
 loss-based detector attacks (PGD, A_cls, A_loc, CWA, MTD), DAG, Dfool, Loc/Size, the Gaussian ablation,
-the feature-level OSFD, classifier transfer baselines, quantisation-safe saving (``quantize``) and the registry."""
+the feature-level OSFD, ensembles of surrogates for every attack (``ensemble``), classifier transfer
+baselines, quantisation-safe saving (``quantize``) and the registry."""
 
 from advdet.attacks.base import Attack, eval_mode, letterbox_mask, nonzero_mask
 from advdet.attacks.classifier import ClassifierMIDIPGD, ClassifierMITIPGD, ClassifierPGD, ClassifierSIPGD
 from advdet.attacks.cwa import CWA
 from advdet.attacks.dag import DAG, DAGEps, adversarial_label_map
 from advdet.attacks.dfool import Dfool
+from advdet.attacks.ensemble import EnsembleAttack, EnsemblePGD, SurrogateEnsemble
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
@@ -20,7 +22,7 @@ from advdet.attacks.transforms import DI, MI, SI, TI, GradientTransform, InputTr
 __all__ = [
     "Attack", "eval_mode", "letterbox_mask", "nonzero_mask",
     "PGD", "ClsAttack", "LocAttack", "CWA", "MTD", "DAG", "DAGEps", "adversarial_label_map", "Dfool",
-    "LocShift", "Size", "GaussianNoise", "OSFD",
+    "LocShift", "Size", "GaussianNoise", "OSFD", "SurrogateEnsemble", "EnsembleAttack", "EnsemblePGD",
     "ClassifierPGD", "ClassifierSIPGD", "ClassifierMIDIPGD", "ClassifierMITIPGD",
     "GradientTransform", "InputTransform", "SI", "DI", "TI", "MI", "gaussian_kernel",
     "to_uint8", "quantize_adv", "save_png", "load_png", "save_adversarial_png",

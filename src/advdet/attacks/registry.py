@@ -12,11 +12,16 @@ Names:
 - ``osfd``: OSFD's feature-level transfer baseline (Ding et al., AAAI 2024; ``attacks/osfd.py``; eps 16,
   step 2, 10 steps, MI, sign), on the backbone maps each family declares (``Detector.feature_layers``);
 - ``ens-pgd``: sign-PGD on an ensemble's detection losses, each member's gradient L1-normalised
-  (``attacks/ensemble.py``; its model is a ``SurrogateEnsemble``, or one detector);
+  (``attacks/ensemble.py``; ``pgd`` on an ensemble with ``normalize=True``; its model is a
+  ``SurrogateEnsemble``, or one detector);
 - classifier transfer baselines (RAD Table 3; eps 16, step 2, 10 steps, sign): ``cls-pgd``,
   ``cls-si-pgd``, ``cls-mi-di-pgd``, ``cls-mi-ti-pgd``.
 
 Other layers add attacks with ``register_attack`` (RAD registers ``rad``).
+
+Ensembles: ``build_attack(name, SurrogateEnsemble([...]), **kw)`` returns an ``EnsembleAttack`` that runs
+``name`` on every member and averages their objectives (``attacks/ensemble.py``; ensemble options
+``weights=`` and ``normalize=`` next to the attack's own).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from advdet.attacks.cwa import CWA
 from advdet.attacks.dag import DAG, DAGEps
 from advdet.attacks.dag_robustdet import RobustDetDAG
 from advdet.attacks.dfool import Dfool
-from advdet.attacks.ensemble import EnsemblePGD
+from advdet.attacks.ensemble import EnsemblePGD, SurrogateEnsemble
 from advdet.attacks.gaussian import GaussianNoise
 from advdet.attacks.loc_shift import LocShift
 from advdet.attacks.mtd import MTD
@@ -83,11 +88,16 @@ def build_attack(name: str, model: Any, **kw: Any) -> Attack:
     """Instantiate the attack ``name`` on ``model`` with keyword hyper-parameters (the class defaults
     otherwise). An unknown name raises ``UnknownNameError`` (a ``KeyError``), an unknown or missing
     hyper-parameter ``OptionError`` (a ``TypeError``), both naming it; a ``TypeError`` from inside the
-    attack's ``__init__`` is a bug and propagates as it is."""
+    attack's ``__init__`` is a bug and propagates as it is. A ``SurrogateEnsemble`` model gets an
+    ``EnsembleAttack`` of ``name`` (``weights=`` and ``normalize=`` are its options)."""
     try:
         cls = ATTACKS[name]
     except KeyError:
         raise UnknownNameError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}") from None
+    if isinstance(model, SurrogateEnsemble) and not getattr(cls, "ensemble_native", False):
+        from advdet.attacks.ensemble import EnsembleAttack
+
+        return EnsembleAttack(model, attack=name, **kw)
     try:
         inspect.signature(cls).bind(model, **kw)
     except TypeError as err:

@@ -54,7 +54,8 @@ from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
 from advdet.bench.runtime import jsonable, release_memory, resolve_device
 from advdet.data.coco import decode_segmentation
 from advdet.data.coco_writer import CocoWriter, encode_mask
-from advdet.data.errors import AdvdetError, DatasetError
+from advdet.attacks.ensemble import is_ensemble_name
+from advdet.data.errors import AdvdetError, DatasetError, UnknownNameError
 from advdet.data.io import atomic_write_json, read_json
 from advdet.data.letterbox import letterbox_boxes, letterbox_masks
 from advdet.data.registry import resolve_dataset
@@ -154,6 +155,15 @@ def _deterministic_cudnn(device: torch.device) -> Iterator[None]:
 def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike | None,
                    pretrained: bool) -> dict:
     """Name, kind, family, input size and the weights (path and sha256) of a built model, for cards."""
+    from advdet.attacks.ensemble import SurrogateEnsemble
+
+    if isinstance(model, SurrogateEnsemble):  # a+b+c: every member's weights; one digest over theirs
+        members = {n: surrogate_info(n, m, None, pretrained) for n, m in zip(model.names, model.members)}
+        shas = [members[n]["weights_sha256"] for n in model.names]
+        digest = None if None in shas else hashlib.sha256(",".join(shas).encode()).hexdigest()
+        return {"name": model_name, "kind": "detector", "family": "ensemble", "input_size": int(model.input_size),
+                "num_classes": model.num_classes, "weights": None, "weights_sha256": digest,
+                "untrained": any(members[n]["untrained"] for n in model.names), "members": members}
     info: dict[str, Any] = {"name": model_name, "kind": "detector" if isinstance(model, Detector) else "classifier",
                             "family": getattr(model, "family", type(model).__name__),
                             "input_size": int(getattr(model, "input_size", 0)) or None,
@@ -192,6 +202,28 @@ def _collate_list(batch: list) -> list:
     return batch
 
 
+def _build_ensemble(model_name: str, weights, pretrained: bool, input_size) -> nn.Module:
+    """The ``a+b+c`` surrogate (``advdet.attacks.ensemble.SurrogateEnsemble``) of zoo / torchvision models,
+    each with its own zoo weights; one-line errors for unknown members, classifiers, a weights file."""
+    from advdet.attacks.ensemble import SurrogateEnsemble, parse_ensemble
+
+    names = parse_ensemble(model_name)
+    if weights is not None:
+        raise CraftError(f"ensemble {model_name!r}: --weights takes one model's file; an ensemble uses each "
+                         f"member's zoo weights")
+    members = []
+    for m in names:
+        try:
+            det = build_model(m, pretrained=pretrained, input_size=input_size if is_external(m) else None)
+        except KeyError as err:
+            msg = err.args[0] if err.args else m
+            raise UnknownNameError(f"ensemble {model_name!r}: unknown member {m!r} ({msg})") from None
+        if not isinstance(det, Detector):
+            raise CraftError(f"ensemble {model_name!r}: member {m!r} is not a detector")
+        members.append(det)
+    return SurrogateEnsemble(members, names)
+
+
 # --------------------------------------------------------------------------------------------- the job
 
 
@@ -219,8 +251,11 @@ class _Job:
 
         # surrogate (an untrained one is initialised from the job seed, so every run builds the same)
         torch.manual_seed(self.seed)
-        self.model = build_model(model_name, weights=weights, pretrained=pretrained,
-                                 input_size=input_size if is_external(model_name) else None)
+        if is_ensemble_name(model_name):
+            self.model = _build_ensemble(model_name, weights, pretrained, input_size)
+        else:
+            self.model = build_model(model_name, weights=weights, pretrained=pretrained,
+                                     input_size=input_size if is_external(model_name) else None)
         if input_size is not None and getattr(self.model, "input_size", None) != input_size:
             raise CraftError(f"{model_name!r} takes {getattr(self.model, 'input_size', None)} px inputs; "
                              f"input_size={input_size} only applies to torchvision:BUILDER models")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from advdet.data.errors import AdvdetError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "UntrainedModelError", "load_model", "load_detector"]
+__all__ = ["LoadedModel", "LoadedEnsemble", "UntrainedModelError", "load_model", "load_detector", "load_ensemble"]
 
 _HOW = ("pass a weights file (Python weights=PATH, CLI --weights NAME=PATH) or allow random weights "
         "explicitly (allow_untrained=True, CLI --allow-untrained)")
@@ -64,6 +65,53 @@ class LoadedModel:
             return "given" if is_external(self.name) else str(zoo_entry(self.name).weights_path)
         except KeyError:
             return "given"
+
+
+@dataclass
+class LoadedEnsemble(LoadedModel):
+    """An ``a+b+c`` surrogate: ``model`` is the members' ``SurrogateEnsemble``; ``members`` the loaded
+    members, whose weights (sha256) ``info()`` lists under ``members``."""
+
+    members: list[LoadedModel] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        return "ensemble"
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return None
+
+    def info(self) -> dict:
+        return {**super().info(), "members": {m.name: m.info() for m in self.members}}
+
+
+def load_ensemble(name: str, load_member: Callable[[str], LoadedModel | None]) -> LoadedEnsemble | None:
+    """The ensemble surrogate ``a+b+c`` from its members, each loaded by ``load_member(name)`` (e.g.
+    :func:`load_model` with the caller's weights and device; a ``None`` member gives ``None``). An unknown
+    member raises ``UnknownNameError`` naming it and the ensemble; a classifier member or members of
+    different input sizes raise ``EnsembleError`` (one line)."""
+    from advdet.attacks.ensemble import EnsembleError, SurrogateEnsemble, parse_ensemble
+    from advdet.data.errors import UnknownNameError
+
+    names = parse_ensemble(name)
+    members: list[LoadedModel] = []
+    for m in names:
+        try:
+            lm = load_member(m)
+        except UnknownNameError as err:
+            raise UnknownNameError(f"ensemble {name!r}: unknown member {m!r} ({err})") from None
+        except KeyError as err:
+            msg = err.args[0] if err.args else m
+            raise UnknownNameError(f"ensemble {name!r}: unknown member {m!r} ({msg})") from None
+        if lm is None:
+            return None
+        if lm.kind != "detector":
+            raise EnsembleError(f"ensemble {name!r}: member {m!r} is a {lm.kind}, not a detector")
+        members.append(lm)
+    ens = SurrogateEnsemble([lm.model for lm in members], names)
+    return LoadedEnsemble(name, ens, "detector", int(ens.input_size), False, all(lm.trained for lm in members),
+                          None, members=members)
 
 
 def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_untrained: bool = False,

@@ -39,6 +39,13 @@ Sweeps (one at a time):
 
 An attack without the swept parameter runs once, with a note. Seeds: attack ``seed + index of the batch's
 first image``, so the same call gives the same numbers.
+
+Ensembles (issue 24, item 1): a surrogate named ``a+b+c`` is ONE surrogate, the members' ensemble
+(``advdet.attacks.ensemble``: every attack averages its objective over the members at every step); its
+black-box victims are the victims that are not members. ``leave_one_out=True`` (or a list of models, the
+pool; ``True``: the victims) adds, per detector attack, one row per pool model ``h``: the attack crafted
+on the ensemble of the other pool models, labelled ``ens-<attack> without <h>``; its black-box number is
+``h`` alone (``held_out``).
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ from advdet.attacks.base import letterbox_mask
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
-from advdet.bench.loading import LoadedModel, UntrainedModelError, load_model
+from advdet.attacks.ensemble import is_ensemble_name
+from advdet.bench.loading import LoadedModel, UntrainedModelError, load_ensemble, load_model
 from advdet.bench.runtime import release_memory, resolve_device
 from advdet.data.collate import collate_detection
 from advdet.data.errors import UnknownNameError
@@ -73,7 +81,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["transfer_matrix", "load_model", "LoadedModel", "ModelUnavailable",
            "RowSpec", "plan_rows", "transforms_for", "reletterbox", "json_ready", "transfer_table",
-           "transfer_report", "SWEEPS", "DEFAULT_SWEEP_VALUES", "NO_ATTACK", "ABLATION"]
+           "transfer_report", "SWEEPS", "DEFAULT_SWEEP_VALUES", "NO_ATTACK", "ABLATION", "ensemble_members",
+           "leave_one_out_label"]
 
 NO_ATTACK, ABLATION = "No Attack", "Ablation"
 SWEEPS = ("eps", "nodes", "technique", "node_type")
@@ -150,15 +159,32 @@ class RowSpec:
     kwargs: dict = field(default_factory=dict)
     sweep: str | None = None
     sweep_value: Any = None
+    held_out: str | None = None        # leave-one-out rows: the victim left out of the ensemble
+
+
+def ensemble_members(surrogate: str | None) -> list[str]:
+    """The models a surrogate is made of: ``a+b`` -> [a, b]; ``a`` -> [a]; None -> []."""
+    if surrogate is None:
+        return []
+    from advdet.attacks.ensemble import parse_ensemble
+
+    return parse_ensemble(surrogate)
+
+
+def leave_one_out_label(attack: str, held_out: str) -> str:
+    """The label of a leave-one-out row: ``ens-<attack> without <held_out>``."""
+    return f"ens-{attack} without {held_out}"
 
 
 def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float | Sequence[float] = 16.0,
               sweep: str | None = None, sweep_values: Sequence | None = None, classifier: str = "classifier",
               attack_kwargs: Mapping[str, dict] | None = None, registry: Mapping[str, type] | None = None,
-              notes: list[str] | None = None) -> list[RowSpec]:
+              notes: list[str] | None = None, leave_one_out: Sequence[str] | None = None) -> list[RowSpec]:
     """The rows of a transfer table (see the module docstring), in display order: No Attack, Ablation,
-    then the attacks in the given order (classifier attacks once; detector attacks once per surrogate),
-    each expanded over the sweep values. Unknown attack names raise ``KeyError``."""
+    then the attacks in the given order (classifier attacks once; detector attacks once per surrogate,
+    then, with ``leave_one_out`` (the pool of models), once per pool model ``h`` on the ensemble of the
+    other pool models, ``held_out=h``), each expanded over the sweep values. Unknown attack names raise
+    ``KeyError``."""
     registry = registry if registry is not None else ATTACKS
     notes = notes if notes is not None else []
     attack_kwargs = dict(attack_kwargs or {})
@@ -177,6 +203,9 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
     rows = [RowSpec(NO_ATTACK, None, "reference", None),
             RowSpec(ABLATION, "gaussian", "reference", None, dict(attack_kwargs.get("gaussian", {})))]
     multi = len(surrogates) > 1
+    pool = list(dict.fromkeys(leave_one_out or []))
+    if leave_one_out is not None and len(pool) < 2:
+        raise ValueError(f"leave-one-out needs at least two models in its pool, got {pool}")
     for name in attacks:
         if name == "gaussian":
             continue  # the Ablation row
@@ -185,9 +214,11 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
         cls = registry[name]
         user = dict(attack_kwargs.get(name, {}))
         is_cls = _is_classifier_attack(name)
-        crafters = [classifier] if is_cls else list(surrogates)
-        for sur in crafters:
-            label = name if (is_cls or not multi) else f"{name} ({sur})"
+        crafters = [(classifier, name, None)] if is_cls else \
+            [(sur, name if not multi else f"{name} ({sur})", None) for sur in surrogates]
+        if not is_cls:
+            crafters += [("+".join(p for p in pool if p != h), leave_one_out_label(name, h), h) for h in pool]
+        for sur, label, held in crafters:
             base = dict(user)
             if "eps" not in base and _accepts(cls, "eps"):
                 base["eps"] = base_eps
@@ -204,7 +235,7 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
                     kw.update(_sweep_kwargs(sweep, v))
                     row_label = f"{label} eps={float(v):g}" if sweep == "eps" else f"{label} [{v}]"
                 rows.append(RowSpec(row_label, name, "classifier" if is_cls else "detector", sur, kw,
-                                    sweep if v is not None else None, v))
+                                    sweep if v is not None else None, v, held))
     return rows
 
 
@@ -218,7 +249,12 @@ def _build_attack(spec: RowSpec, model: nn.Module | None, seed: int, device, reg
             kw[key] = val
     if device is not None and "device" not in kw and _accepts(cls, "device"):
         kw["device"] = device
+    from advdet.attacks.ensemble import ENSEMBLE_OPTIONS, SurrogateEnsemble
     from advdet.attacks.registry import build_attack
+
+    if (spec.kind == "detector" and model is not None and not isinstance(model, SurrogateEnsemble)
+            and any(k in kw for k in ENSEMBLE_OPTIONS) and not any(_accepts(cls, k) for k in ENSEMBLE_OPTIONS)):
+        model = SurrogateEnsemble([model], [spec.surrogate])  # ensemble options: a one-member ensemble
 
     return build_attack(spec.attack, model, **kw)
 
@@ -275,11 +311,13 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                     score_thresh: float = DEFAULT_SCORE_THRESH, iou: float = DEFAULT_IOU,
                     examples: int = 2, relevance: bool = True, skip_bad: bool = False, use_gt: bool = False,
                     on_progress: Callable[[str], None] | None = None, n_boot: int = 1000, boot_seed: int = 0,
-                    ci_level: float = 0.95, paired_with: str = "rad") -> dict:
+                    ci_level: float = 0.95, paired_with: str = "rad",
+                    leave_one_out: bool | Sequence[str] = False) -> dict:
     """The transfer table of RAD sec. 4 (see the module docstring).
 
     Args:
-        surrogates: detector(s) that craft the detection attacks (zoo names or ``torchvision:BUILDER``).
+        surrogates: detector(s) that craft the detection attacks (zoo names or ``torchvision:BUILDER``); a
+            name ``a+b+c`` is one ensemble of those models (``advdet.attacks.ensemble``).
         attacks: registry names (``advdet.attacks.registry``); ``gaussian`` is always the Ablation row.
         victims: models evaluated on every row.
         data: ``shapes-val``, ``shapes-train`` or a COCO-format folder (``ann``: its instances JSON).
@@ -304,6 +342,8 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
             black-box mean and the paired differences between the ``paired_with`` attack's rows and the
             baselines (``advdet.bench.intervals.transfer_intervals``): ``n_boot`` resamples of the images
             (0: none), drawn with ``boot_seed``, at level ``ci_level``.
+        leave_one_out: ``True`` (pool: the victims) or a list of models: per detector attack, one row per
+            pool model, crafted on the ensemble of the others (``ens-<attack> without <model>``).
 
     Returns a JSON-ready dict (see ``json_ready``; the ``_examples`` key holds the grid images):
     ``rows`` (label, attack, kind, surrogate, settings, metrics per victim, black_box, white_box,
@@ -343,6 +383,13 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     def get(name: str) -> LoadedModel | None:
         if name in loaded:
             return loaded[name]
+        if is_ensemble_name(name):
+            lm = load_ensemble(name, get)
+            if lm is None:
+                skipped.append(f"ensemble {name}: a member is unavailable")
+                return None
+            loaded[name] = lm
+            return lm
         try:
             lm = load_model(name, weights=weights.get(name), allow_untrained=allow_untrained, device=dev,
                             model=models.get(name), input_size=sizes.get(name))
@@ -364,17 +411,24 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     for s in sur_models:
         if loaded[s].kind != "detector":
             raise ValueError(f"surrogate {s!r} is not a detector (classifier attacks use `classifier=`)")
+    loo_pool: list[str] | None = None
+    if leave_one_out:
+        loo_pool = list(victim_models) if leave_one_out is True else [m for m in dict.fromkeys(leave_one_out)
+                                                                      if get(m) is not None]
+        for h in loo_pool:
+            if get("+".join(p for p in loo_pool if p != h)) is None:
+                raise ModelUnavailable(f"leave-one-out: the ensemble without {h} cannot be loaded")
     if any(_is_classifier_attack(a) for a in wanted) and get(classifier) is None:
         dropped = [a for a in wanted if _is_classifier_attack(a)]
         skipped.append(f"attacks {', '.join(dropped)}: classifier {classifier!r} unavailable")
         wanted = [a for a in wanted if not _is_classifier_attack(a)]
-    if not sur_models and any(not _is_classifier_attack(a) and a != "gaussian" for a in wanted):
+    if not sur_models and not loo_pool and any(not _is_classifier_attack(a) and a != "gaussian" for a in wanted):
         dropped = [a for a in wanted if not _is_classifier_attack(a) and a != "gaussian"]
         skipped.append(f"attacks {', '.join(dropped)}: no detector surrogate available")
         wanted = [a for a in wanted if _is_classifier_attack(a) or a == "gaussian"]
 
     rows = plan_rows(sur_models, wanted, eps=eps, sweep=sweep, sweep_values=sweep_values, classifier=classifier,
-                     attack_kwargs=attack_kwargs, registry=registry, notes=notes)
+                     attack_kwargs=attack_kwargs, registry=registry, notes=notes, leave_one_out=loo_pool)
 
     # ---- data (one letterboxed copy per input size; same image order in each)
     datasets: dict[int, Any] = {}
@@ -384,7 +438,8 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
             datasets[size] = build_dataset(data, ann, size=size, skip_bad=skip_bad)
         return datasets[size]
 
-    ref_size = loaded[sur_models[0]].input_size if sur_models else loaded[victim_models[0]].input_size
+    crafters = list(dict.fromkeys(list(sur_models) + [r.surrogate for r in rows if r.kind == "detector"]))
+    ref_size = loaded[crafters[0]].input_size if crafters else loaded[victim_models[0]].input_size
     ds0 = ds_at(ref_size)
     n = len(ds0) if limit is None else min(int(limit), len(ds0))
     if n <= 0:
@@ -395,8 +450,8 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     cat_name_by_id = {c["id"]: c["name"] for c in ds0.categories}
     image_ids = [int(ds0.image_ids[i]) for i in range(n)]
     n_examples = min(int(examples), n)
-    det_surrogates = set(sur_models)
-    rel_model = loaded[sur_models[0]] if sur_models else None
+    det_surrogates = {m for s in crafters for m in ensemble_members(s)}
+    rel_model = loaded[crafters[0]] if crafters else None
 
     def batch_at(size: int, idx: list[int]):
         return collate_detection([ds_at(size)[i] for i in idx])
@@ -532,8 +587,11 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                 m.update({f"segm_{k}": val for k, val in segm.items()})
             metrics[v] = m
             fail[v] = failure[(ri, v)].rates()
-        if spec.kind == "detector":
-            bb = [v for v in victim_models if v != spec.surrogate]
+        if spec.kind == "detector" and spec.held_out is not None:
+            bb = [spec.held_out]  # leave-one-out: the held-out victim alone
+        elif spec.kind == "detector":
+            members = ensemble_members(spec.surrogate)
+            bb = [v for v in victim_models if v not in members]
         else:
             bb = [v for v in victim_models if v not in det_surrogates] or list(victim_models)
         black = {"victims": bb}
@@ -545,6 +603,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         settings = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                     for k, v in spec.kwargs.items()}
         row_out.append({"label": spec.label, "attack": spec.attack, "kind": spec.kind, "surrogate": spec.surrogate,
+                        "held_out": spec.held_out,
                         "sweep": spec.sweep, "sweep_value": spec.sweep_value, "settings": settings,
                         "metrics": metrics, "black_box": black, "white_box": white, "perturbation": pert[ri],
                         "failure": fail, "seconds": {k: round(v, 3) for k, v in row_seconds[ri].items()},
@@ -562,7 +621,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         "kind": "transfer", "data": str(data), "ann": None if ann is None else str(ann), "images": n,
         "image_ids": image_ids, "eps": eps_out, "seed": seed, "batch_size": batch_size,
         "score_thresh": score_thresh, "iou": iou, "surrogates": sur_models, "classifier": classifier,
-        "victims": victim_models, "attacks": wanted,
+        "victims": victim_models, "attacks": wanted, "leave_one_out": loo_pool,
         "sweep": None if not any(r.sweep for r in rows) else {"name": next(r.sweep for r in rows if r.sweep),
                                                               "values": _sweep_values(rows)},
         "models": {k: m.info() for k, m in loaded.items()}, "class_names": cat_names,
@@ -604,6 +663,7 @@ def _add_relevance(ex_store: list[dict], rows: Sequence[RowSpec], loaded: dict, 
         for ri, entry in ex["rows"].items():
             spec = rows[ri]
             lm = loaded.get(spec.surrogate) if spec.kind == "detector" else rel_model
+            lm = getattr(lm, "members", [lm])[0]  # an ensemble: its first member's relevance
             if lm is None or lm.kind != "detector":
                 continue
             try:

@@ -73,8 +73,11 @@ def print_evaluation(evaluation: dict, title: str) -> None:
 @app.command("attack")
 def attack_cmd(
         attack: Optional[str] = typer.Option(None, "--attack", help="Attack name (see --list)."),
-        model: Optional[str] = typer.Option(None, help="Surrogate: zoo name or torchvision:BUILDER "
-                                            "(default for classifier attacks: classifier)."),
+        model: Optional[str] = typer.Option(None, "--model", "--surrogate",
+                                            help="Surrogate: zoo name or torchvision:BUILDER (default for "
+                                            "classifier attacks: classifier); a+b+c is one ensemble that "
+                                            "averages the attack over its members (--set weights=loss|"
+                                            "equal|[w,...], --set normalize=true)."),
         data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder (with --ann)."),
         out: Optional[Path] = typer.Option(None, help="Output folder (COCO format: images/, instances.json, "
                                            "card.json)."),
@@ -130,8 +133,10 @@ def attack_cmd(
             else:
                 from advdet.bench.aoco import evaluate_split
 
-                ev = evaluate_split(out, [(model, str(weights) if weights else None)], batch_size=batch_size,
-                                    device=str(dev) if dev else None, pretrained=not untrained)
+                names = model.split("+")  # an ensemble: each member, white-box
+                ev = evaluate_split(out, [(m, str(weights) if weights else None) for m in names],
+                                    batch_size=batch_size, device=str(dev) if dev else None,
+                                    pretrained=not untrained)
                 print_evaluation(ev, f"{model}: clean vs adversarial (white-box)")
     finally:  # user errors: one line from the CLI's handler (cli/app.py); bugs keep their traceback
         shutdown_distributed()

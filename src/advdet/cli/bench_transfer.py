@@ -81,6 +81,8 @@ def print_transfer(result: dict, out: Console | None = None, metric: str = "map"
     victims = result["victims"]
     name = {"map": "box mAP", "map50": "box mAP50", "map75": "box mAP75"}.get(metric, metric)
     surs = ", ".join(result["surrogates"]) or "-"
+    if result.get("leave_one_out"):
+        surs += f"; leave-one-out over {', '.join(result['leave_one_out'])}"
     t = Table(title=f"Transfer {name} x100 on {result['data']} ({result['images']} images, eps {result['eps']}; "
                     f"surrogate {surs}, classifier attacks on {result['classifier']})")
     t.add_column("attack")
@@ -146,7 +148,10 @@ def print_intervals(result: dict, out: Console | None = None) -> None:
 
 @bench_app.command("transfer")
 def bench_transfer(
-        surrogate: str = typer.Option("yolov3", help="Detector(s) that craft the detection attacks, comma list."),
+        surrogate: Optional[str] = typer.Option(None, help="Detector(s) that craft the detection attacks, comma "
+                                                "list of separate surrogates; a+b+c is ONE ensemble that "
+                                                "averages the attack over its members (default: yolov3, none "
+                                                "with --leave-one-out)."),
         attacks: str = typer.Option(DEFAULT_ATTACKS, help="Attack names, comma list (`advdet attack --list`); "
                                     "Ablation (gaussian) and No Attack rows are always added."),
         victims: Optional[str] = typer.Option(None, help="Victim models, comma list "
@@ -183,7 +188,12 @@ def bench_transfer(
         no_ci: bool = typer.Option(False, "--no-ci", help="No bootstrap intervals (same as --n-boot 0)."),
         ci_seed: int = typer.Option(0, help="Seed of the bootstrap resamples."),
         paired_with: str = typer.Option("rad", help="Attack whose rows are compared, pairwise, with every "
-                                        "baseline row.")) -> None:
+                                        "baseline row."),
+        leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Per detector attack, attack every "
+                                           "victim with the ensemble of the other victims (rows 'ens-ATTACK "
+                                           "without VICTIM'; black-box number: that victim). Ensemble options: "
+                                           "--set ATTACK.weights=loss|equal|[w,...], --set "
+                                           "ATTACK.normalize=true.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
     from advdet.bench.transfer import json_ready, transfer_matrix, transfer_report
@@ -199,15 +209,16 @@ def bench_transfer(
     if not victim_list:
         raise AdvdetError("no trained zoo detector to use as victim; pass --victims "
                           "(and --allow-untrained for random weights)")
+    surrogates = _split(surrogate) if surrogate is not None else ([] if leave_one_out else ["yolov3"])
     result = transfer_matrix(
-        _split(surrogate), _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
+        surrogates, _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
         batch_size=batch_size, seed=seed, device=resolve_device(device),
         attack_kwargs=parse_attack_settings(set_), weights=parse_weights(weights), sweep=sweep,
-        sizes=parse_sizes(size, _split(surrogate) + victim_list + [classifier]),
+        sizes=parse_sizes(size, [m for s in surrogates for m in s.split("+")] + victim_list + [classifier]),
         sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
         skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,
         skip_bad=skip_bad, use_gt=use_gt, progress=True, n_boot=0 if no_ci else n_boot, boot_seed=ci_seed,
-        paired_with=paired_with)
+        paired_with=paired_with, leave_one_out=leave_one_out)
     print_transfer(result, console, metric)
     print_data_report(result.get("data_report"))
     if json_out:
