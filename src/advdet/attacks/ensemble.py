@@ -220,7 +220,7 @@ class EnsembleAttack(Attack):
         self.attack_name = attack
         self.member_names = list(ens.names)
         self._fixed = _fixed_weights(weights, len(members), label)
-        self.weights = weights if self._fixed is None else list(self._fixed)
+        self.weights = weights.strip() if self._fixed is None else list(self._fixed)
         self.normalize = bool(normalize)
         self._members = members
         for m in members:
