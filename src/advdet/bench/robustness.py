@@ -241,7 +241,7 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                    ann, metric: str, limit: int | None, batch_size: int, eps: float, seed: int, device,
                    weights: dict | None, allow_untrained: bool, detectors: dict | None, attack_kwargs: dict | None,
                    voc_split: str, skip_bad: bool, progress: bool, n_boot: int = 0, boot_seed: int = 0,
-                   ci_level: float = 0.95) -> dict:
+                   ci_level: float = 0.95, samples_out: dict | None = None) -> dict:
     """Evaluate every model under every (key, attack, steps) of ``plan``; returns the shared result fields
     plus ``scores`` {model: {key: score dict}}, ``seconds``, ``attack_settings`` and, when ``n_boot``,
     ``intervals`` (``advdet.bench.intervals.grid_intervals``: every cell on the same resamples)."""
@@ -352,6 +352,8 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
         points = {m: {k: v["map50"] for k, v in out["scores"][m].items()} for m in models}
         out["intervals"] = grid_intervals(points, boot, list(models), n_images=n_images, n_boot=n_boot,
                                           seed=boot_seed, level=ci_level)
+        if samples_out is not None:  # the raw resamples, for statistics derived later (advdet reproduce)
+            samples_out.update(indices=indices, cells=boot)
     return out
 
 
@@ -363,7 +365,7 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
                      allow_untrained: bool = False, detectors: dict[str, Detector] | None = None,
                      attack_kwargs: dict[str, dict] | None = None, voc_split: str = "test",
                      skip_bad: bool = False, progress: bool = True, n_boot: int = 1000, boot_seed: int = 0,
-                     ci_level: float = 0.95) -> dict:
+                     ci_level: float = 0.95, samples_out: dict | None = None) -> dict:
     """RobustDet Table 1: mAP50 of every model on clean images and under every white-box attack.
 
     Args:
@@ -382,6 +384,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
         attack_kwargs: {attack: keyword overrides} passed to ``build_attack``.
         n_boot, boot_seed, ci_level: bootstrap confidence intervals of every cell (``n_boot`` resamples of
             the images drawn with ``boot_seed``, level ``ci_level``; 0: none).
+        samples_out: when given (and ``n_boot``), filled with ``indices`` (the resamples) and ``cells``
+            {model: {column: mAP50 per resample}}, for statistics derived later on the same resamples.
 
     Returns a JSON-able dict: ``metric``, ``data``, ``images``, ``eps``, ``steps``, ``seed``, ``models``,
     ``attacks``, ``map50`` {model: {attack: value}}, ``seconds`` {model: {attack: s}} (attack + predict
@@ -395,7 +399,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
     out = _evaluate_grid(models, plan, data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps,
                          seed=seed, device=device, weights=weights, allow_untrained=allow_untrained,
                          detectors=detectors, attack_kwargs=attack_kwargs, voc_split=voc_split,
-                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level)
+                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level,
+                         samples_out=samples_out)
     result = {"kind": "robustness_table", "metric": out["metric"], "data": out["data"], "images": out["images"],
               "eps": out["eps"], "steps": steps, "seed": out["seed"], "models": list(models), "attacks": attacks,
               "map50": {m: {a: out["scores"][m][a]["map50"] for a in attacks} for m in models},
@@ -412,7 +417,8 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
                            weights: dict | None = None, allow_untrained: bool = False,
                            detectors: dict[str, Detector] | None = None, attack_kwargs: dict | None = None,
                            voc_split: str = "test", skip_bad: bool = False, progress: bool = True,
-                           n_boot: int = 1000, boot_seed: int = 0, ci_level: float = 0.95) -> dict:
+                           n_boot: int = 1000, boot_seed: int = 0, ci_level: float = 0.95,
+                           samples_out: dict | None = None) -> dict:
     """Robustness against the number of attack steps (RobustDet Fig. 7a/b: A_cls and A_loc, eps 8).
 
     Every attack of ``attacks`` (``clean`` is dropped from the sweep) runs once per step count in
@@ -434,7 +440,8 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
     out = _evaluate_grid(models, plan, data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps,
                          seed=seed, device=device, weights=weights, allow_untrained=allow_untrained,
                          detectors=detectors, attack_kwargs=attack_kwargs, voc_split=voc_split,
-                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level)
+                         skip_bad=skip_bad, progress=progress, n_boot=n_boot, boot_seed=boot_seed, ci_level=ci_level,
+                         samples_out=samples_out)
     sc, secs = out["scores"], out["seconds"]
     return {"kind": "steps_sweep", "metric": out["metric"], "data": out["data"], "images": out["images"],
             "eps": out["eps"], "steps": steps, "seed": out["seed"], "models": list(models), "attacks": sweep,

@@ -11,6 +11,7 @@ from advdet.cli import analyze, bench_robustness  # noqa: F401  (advdet analyze,
 from advdet.cli import bench_transfer  # noqa: F401  (advdet bench transfer)
 from advdet.cli import train  # noqa: F401  (advdet train)
 from advdet.cli import explain  # noqa: F401  (advdet explain)
+from advdet.cli import reproduce  # noqa: F401  (advdet reproduce)
 from advdet.cli.app import app
 
 

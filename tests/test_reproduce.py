@@ -1,0 +1,290 @@
+"""`advdet reproduce`: the verdict rules against known answers (intervals above / below / across a threshold,
+ratios per resample, claims over parts), and the resumable steps on tiny random models and 2 images."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from advdet.bench.reproduce import (FAILS, HOLDS, UNDECIDED, StaleStepError, Step, combine, mean_samples,
+                                    rad_claims, rad_goal, ratio_samples, reduction_interval, reproduce,
+                                    reproduce_command, robustdet_claims, verdict)
+
+
+# ------------------------------------------------------------------------------------------- verdict rules
+def ci(lo, hi, value=None):
+    return {"value": (lo + hi) / 2 if value is None else value, "lo": lo, "hi": hi}
+
+
+def test_verdict_interval_above_below_or_across_the_threshold():
+    assert verdict(ci(0.85, 0.95), 0.8) == HOLDS          # entirely above
+    assert verdict(ci(0.60, 0.79), 0.8) == FAILS          # entirely below
+    assert verdict(ci(0.70, 0.90), 0.8) == UNDECIDED      # crosses
+    assert verdict(ci(0.80, 0.90), 0.8) == HOLDS          # ">= t": touching from above holds
+    assert verdict(ci(0.70, 0.80), 0.8) == UNDECIDED      # reaches t: not entirely below
+    # strict "> t": touching t is not above it
+    assert verdict(ci(0.0, 0.2), 0.0, strict=True) == UNDECIDED
+    assert verdict(ci(0.0, 0.0), 0.0, strict=True) == FAILS
+    assert verdict(ci(0.01, 0.2), 0.0, strict=True) == HOLDS
+    assert verdict(ci(-0.05, -0.04), -0.03) == FAILS and verdict(ci(-0.02, 0.01), -0.03) == HOLDS
+    # undefined intervals decide nothing
+    assert verdict(None, 0.5) == UNDECIDED
+    assert verdict({"value": None, "lo": None, "hi": None}, 0.5) == UNDECIDED
+    assert verdict({"value": 0.1, "lo": float("nan"), "hi": 0.3}, 0.5) == UNDECIDED
+
+
+def test_combine_every_part():
+    assert combine([HOLDS, HOLDS]) == HOLDS
+    assert combine([HOLDS, UNDECIDED]) == UNDECIDED
+    assert combine([UNDECIDED, FAILS, HOLDS]) == FAILS
+    assert combine([]) == UNDECIDED
+
+
+def test_reduction_is_computed_per_resample_not_from_the_interval_bounds():
+    # attacked = half of clean on every resample: the reduction is exactly 50 % on every resample, although
+    # the two sides vary a lot (a ratio of interval bounds would give anything from 0 % to 87.5 %)
+    clean = np.array([0.2, 0.8, 0.4, 0.6])
+    attacked = clean / 2
+    r = reduction_interval(0.25, 0.5, attacked, clean)
+    assert r == {"value": pytest.approx(0.5), "lo": pytest.approx(0.5), "hi": pytest.approx(0.5)}
+    assert verdict(r, 0.5) == HOLDS and verdict(r, 0.5, strict=True) == FAILS
+    # known percentiles: reductions 0.0, 0.1, ..., 0.9 -> numpy's linear 2.5 / 97.5 % quantiles
+    red = np.arange(10) / 10
+    r = reduction_interval(0.5, 1.0, 1.0 - red, np.ones(10))
+    lo, hi = np.quantile(red, [0.025, 0.975])
+    assert r["value"] == pytest.approx(0.5) and r["lo"] == pytest.approx(lo) and r["hi"] == pytest.approx(hi)
+    assert r["lo"] == pytest.approx(0.0225) and r["hi"] == pytest.approx(0.8775)
+
+
+def test_ratio_leaves_out_resamples_without_a_positive_reference():
+    np.testing.assert_array_equal(ratio_samples([1.0, 2.0, 3.0], [2.0, 0.0, np.nan])[[0]], [0.5])
+    assert np.isnan(ratio_samples([1.0, 2.0, 3.0], [2.0, 0.0, np.nan])[1:]).all()
+    r = reduction_interval(0.1, 0.0, [0.1, 0.1], [0.0, 0.0])
+    assert r == {"value": None, "lo": None, "hi": None} and verdict(r, 0.8) == UNDECIDED
+    np.testing.assert_allclose(mean_samples([[0.2, np.nan], [0.4, 0.6]]), [0.3, 0.6])
+
+
+def _toy_transfer(cells: dict[str, dict[str, list]]):
+    """A Table 3 result with rows No Attack, Ablation, rad and dag (surrogate s), cls-pgd; victims s, v1, v2.
+    ``cells[row][victim]`` are the resampled mAP50 values; the point value is their mean."""
+    kinds = {"No Attack": ("reference", None, None), "Ablation": ("reference", "gaussian", None),
+             "rad": ("detector", "rad", "s"), "dag-eps": ("detector", "dag-eps", "s"),
+             "cls-pgd": ("classifier", "cls-pgd", "classifier")}
+    rows, samples = [], {}
+    for i, (label, per_v) in enumerate(cells.items()):
+        kind, attack, sur = kinds[label]
+        bb = ["v1", "v2"]
+        rows.append({"label": label, "attack": attack, "kind": kind, "surrogate": sur, "sweep": None,
+                     "sweep_value": None, "black_box": {"victims": bb},
+                     "white_box": {"victim": "s"} if kind == "detector" else None,
+                     "metrics": {v: {"map50": float(np.mean(s))} for v, s in per_v.items()}})
+        for v, s in per_v.items():
+            samples[(i, v)] = np.asarray(s, dtype=float)
+    return {"rows": rows, "victims": ["s", "v1", "v2"]}, {"cells": samples}
+
+
+def test_rad_claims_known_answers():
+    const = lambda x: [x] * 4  # noqa: E731  (degenerate interval at the value)
+    res, samples = _toy_transfer({
+        "No Attack": {"s": const(0.8), "v1": const(0.6), "v2": const(0.4)},
+        "Ablation": {"s": const(0.7), "v1": const(0.5), "v2": const(0.3)},
+        "rad": {"s": [0.0, 0.1, 0.2, 0.3], "v1": const(0.3), "v2": const(0.2)},   # white-box cut 62.5-100 %
+        "dag-eps": {"s": const(0.1), "v1": const(0.4), "v2": const(0.3)},         # bb 0.35: RAD 28.6 % lower
+        "cls-pgd": {"s": const(0.7), "v1": const(0.33), "v2": const(0.27)},       # bb 0.30: RAD 16.7 % lower
+    })
+    claims = {c["id"]: c for c in rad_claims(res, samples)}
+    wb = claims["white_box_cut"]
+    assert wb["interval"]["value"] == pytest.approx(1 - 0.15 / 0.8)
+    assert wb["verdict"] == UNDECIDED                       # [62.8 %, 100 %] crosses 80 %
+    beats = claims["beats_baselines"]
+    parts = {p["label"]: p for p in beats["parts"]}
+    assert set(parts) == {"dag-eps", "cls-pgd"}               # No Attack and the Ablation are no baselines
+    assert parts["dag-eps"]["interval"]["value"] == pytest.approx(1 - 0.25 / 0.35)
+    assert parts["dag-eps"]["verdict"] == HOLDS and parts["cls-pgd"]["verdict"] == FAILS
+    assert beats["verdict"] == FAILS
+    halved = claims["black_box_halved"]                       # 0.25 vs 0.5: exactly halved
+    assert halved["interval"]["lo"] == pytest.approx(0.5) and halved["verdict"] == HOLDS
+    goal = {g["attack"]: g for g in rad_goal(res, samples)}
+    assert list(goal) == ["Ablation", "rad", "dag-eps", "cls-pgd"]
+    g = goal["rad"]                                           # v1: 50 % (holds), v2: 50 % (holds)
+    assert [p["verdict"] for p in g["parts"]] == [HOLDS, HOLDS] and g["verdict"] == HOLDS
+    d = goal["dag-eps"]                                       # v1 33 %, v2 25 %: fails, worst v2
+    assert d["verdict"] == FAILS and d["worst"] == "v2"
+
+
+def test_robustdet_claims_known_answers():
+    models = ["ssd_vgg", "ssd_vgg-mtd", "ssd_vgg-cwat", "robustdet"]
+    m50 = {"ssd_vgg": {"clean": 0.90, "cls": 0.10}, "ssd_vgg-mtd": {"clean": 0.80, "cls": 0.40},
+           "ssd_vgg-cwat": {"clean": 0.80, "cls": 0.45}, "robustdet": {"clean": 0.88, "cls": 0.50}}
+    cells = {m: {k: np.full(5, v) for k, v in d.items()} for m, d in m50.items()}
+    cells["ssd_vgg-cwat"]["cls"] = np.array([0.40, 0.45, 0.50, 0.55, 0.45])  # crosses robustdet's 0.50
+    res = {"models": models, "attacks": ["clean", "cls"], "map50": m50}
+    claims = {c["id"]: c for c in robustdet_claims(res, {"cells": cells})}
+    clean = claims["clean_within_3 (robustdet)"]
+    assert clean["interval"]["value"] == pytest.approx(-0.02) and clean["verdict"] == HOLDS
+    above = claims["above_mtd_cwat (robustdet)"]
+    parts = {p["label"]: p["verdict"] for p in above["parts"]}
+    assert parts == {"cls: robustdet - ssd_vgg-mtd": HOLDS, "cls: robustdet - ssd_vgg-cwat": UNDECIDED}
+    assert above["verdict"] == UNDECIDED
+    m50["robustdet"]["clean"] = 0.85                           # 5 points below: fails
+    cells["robustdet"]["clean"] = np.full(5, 0.85)
+    claims = {c["id"]: c for c in robustdet_claims(res, {"cells": cells})}
+    assert claims["clean_within_3 (robustdet)"]["verdict"] == FAILS
+    assert "clean_within_3 (robustdet-cfr)" not in claims      # entries not in the table are left out
+
+
+# ------------------------------------------------------------------------------------------- resumable runs
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from advdet.data.shapes import write_shapes_split
+
+    root = tmp_path_factory.mktemp("tiny_shapes")
+    write_shapes_split(root, "val", 2, seed=0, workers=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    from advdet.data.shapes import SHAPE_CLASSES
+    from advdet.models.classifier import small_classifier
+    from advdet.models.ssd_vgg import ssd_vgg_small
+    from advdet.models.yolov3 import yolov3_small
+
+    k = len(SHAPE_CLASSES)
+    torch.manual_seed(0)
+    return {"yolo": yolov3_small(num_classes=k, input_size=64).eval(),
+            "ssd": ssd_vgg_small(num_classes=k, input_size=64, width=0.125).eval(),
+            "classifier": small_classifier(num_classes=k, input_size=64).eval(),
+            "ssd-mtd": ssd_vgg_small(num_classes=k, input_size=64, width=0.125).eval(),
+            "robustdet": ssd_vgg_small(num_classes=k, input_size=64, width=0.125).eval()}
+
+
+FAST = {"rad": {"steps": 1}, "dfool": {"steps": 1}, "cls-pgd": {"steps": 1}}
+BASE = {"surrogates": ["yolo"], "victims": ["yolo", "ssd"], "classifier": "classifier"}
+RAD_PLAN = [
+    Step("table3", "Tables 3-5", "transfer", {**BASE, "attacks": ["rad", "dfool", "cls-pgd"], "eps": 16.0}),
+    Step("table1_node_type", "Table 1", "transfer",
+         {**BASE, "attacks": ["rad"], "eps": 16.0, "sweep": "node_type", "sweep_values": ["loc"]}),
+    Step("fig7_eps", "Fig. 7", "transfer", {**BASE, "attacks": ["rad"], "eps": [4.0, 8.0]}),
+]
+
+
+def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(tmp_path, tiny_data, tiny_models):
+    out = tmp_path / "results"
+    seen: list[tuple[str, str]] = []
+    kw = dict(limit=2, data=tiny_data, models=tiny_models, plan=RAD_PLAN, attack_kwargs=FAST, n_boot=50,
+              batch_size=2, progress=False, device="cpu", on_step=lambda n, s, t: seen.append((n, s)))
+    page = reproduce("rad", out, steps=["table3"], **kw)
+    assert seen == [("table3", "computed")]
+    f3 = out / "rad" / "table3.json"
+    rec = json.loads(f3.read_text())
+    assert rec["config"]["limit"] == 2 and rec["result"]["images"] == 2 and rec["seconds"] > 0
+    assert [r["label"] for r in rec["result"]["rows"]] == ["No Attack", "Ablation", "rad", "dfool", "cls-pgd"]
+    ids = [c["id"] for c in page["claims"]]
+    assert ids == ["white_box_cut", "beats_baselines", "black_box_halved"]
+    assert all(c["verdict"] in (HOLDS, FAILS, UNDECIDED) for c in page["claims"])
+    assert {p["label"] for p in page["claims"][1]["parts"]} == {"dfool", "cls-pgd"}
+    assert [g["attack"] for g in page["goal"]] == ["Ablation", "rad", "dfool", "cls-pgd"]
+    assert page["command"] == reproduce_command("rad", limit=2, out=out, steps=["table3"])
+    assert page["steps"]["table1_node_type"]["status"] == "not run"
+
+    # resume: table3 is reused (file untouched), the other steps are computed
+    os.utime(f3, (1_000_000_000, 1_000_000_000))
+    before = f3.read_bytes()
+    seen.clear()
+    page = reproduce("rad", out, **kw)
+    assert seen == [("table3", "reused"), ("table1_node_type", "computed"), ("fig7_eps", "computed")]
+    assert f3.stat().st_mtime == 1_000_000_000 and f3.read_bytes() == before
+    # a third call recomputes nothing
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "rad").glob("*.json")}
+    seen.clear()
+    reproduce("rad", out, **kw)
+    assert [s for _, s in seen] == ["reused"] * 3
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "rad").glob("*.json")} == mtimes
+
+    md = (out / "rad.md").read_text()
+    assert "advdet reproduce rad --limit 2" in md
+    assert "## Verdicts: the paper's claims" in md and "## Project goal" in md
+    for name in ("## Table 3: box mAP50", "## Table 5: perturbation", "## Table 1: node types",
+                 "## Fig. 7: RAD against eps", "## Weights", "wall time"):
+        assert name in md, name
+    assert "rad [cls] (Table 3's row)" in md and "rad [loc]" in md
+    assert (out / "rad" / "fig7_eps.png").is_file() and "(rad/fig7_eps.png)" in md
+    js = json.loads((out / "rad.json").read_text())
+    assert set(js["weights"]) == {"yolo", "ssd", "classifier"}
+    assert js["weights"]["yolo"]["origin"] == "given" and js["wall_seconds"] > 0
+    assert set(js["step_seconds"]) == {"table3", "table1_node_type", "fig7_eps"}
+
+    # another setting never overwrites a finished step
+    with pytest.raises(StaleStepError, match="table3.json: made with other settings .*seed"):
+        reproduce("rad", out, seed=1, **kw)
+    assert f3.read_bytes() == before
+
+
+def test_robustdet_reproduction_claims_and_resume(tmp_path, tiny_data, tiny_models):
+    # tiny random models under the zoo's names (given as modules: nothing is loaded)
+    given = {"ssd_vgg": tiny_models["ssd"], "ssd_vgg-mtd": tiny_models["ssd-mtd"],
+             "robustdet": tiny_models["robustdet"]}
+    models = list(given)
+    plan = [Step("table1", "Table 1", "robustness", {"models": models, "attacks": ["clean", "cls", "dag"], "steps": 1}),
+            Step("fig7_steps", "Fig. 7a/b", "steps_sweep", {"models": models, "attacks": ["cls"], "steps": [1, 2]})]
+    out = tmp_path / "results"
+    kw = dict(limit=2, data=tiny_data, models=given, plan=plan, n_boot=50, batch_size=2, progress=False,
+              device="cpu")
+    page = reproduce("robustdet", out, **kw)
+    assert page["steps"] == {"table1": {"file": "robustdet/table1.json", "status": "computed"},
+                             "fig7_steps": {"file": "robustdet/fig7_steps.json", "status": "computed"}}
+    claims = {c["id"]: c for c in page["claims"]}
+    assert list(claims) == ["clean_within_3 (robustdet)", "above_mtd_cwat (robustdet)"]
+    assert [p["label"] for p in claims["above_mtd_cwat (robustdet)"]["parts"]] == \
+        ["cls: robustdet - ssd_vgg-mtd", "dag: robustdet - ssd_vgg-mtd"]
+    rec = json.loads((out / "robustdet" / "table1.json").read_text())
+    m50 = rec["result"]["map50"]
+    c = claims["clean_within_3 (robustdet)"]
+    assert c["interval"]["value"] == pytest.approx(m50["robustdet"]["clean"] - m50["ssd_vgg"]["clean"])
+    assert c["verdict"] == verdict(c["interval"], -0.03)
+    md = (out / "robustdet.md").read_text()
+    assert "## Table 1: mAP50 (%) under white-box attacks" in md and "(robustdet/fig7_steps.png)" in md
+    assert "## Verdicts: the paper's claims" in md and "clean_within_3 (robustdet)" in md
+    assert (out / "robustdet" / "fig7_steps.png").is_file()
+    again = reproduce("robustdet", out, **kw)
+    assert {s["status"] for s in again["steps"].values()} == {"reused"}
+    assert again["claims"] == page["claims"]
+
+
+def test_weights_fingerprint_is_the_zoo_file_sha256(tmp_path, monkeypatch):
+    from advdet.bench import reproduce as rp
+    from advdet.models.weights import sha256_file
+    from advdet.models.zoo import zoo_entry
+
+    entry = zoo_entry("ssd_vgg")
+    fp = rp._weights_fingerprint("ssd_vgg", None)
+    if not os.path.isfile(entry.weights_path):
+        assert fp == {"file": None, "sha256": None, "origin": "untrained"}
+    else:
+        assert fp["sha256"] == sha256_file(entry.weights_path) and fp["origin"] == "zoo"
+    assert rp._weights_fingerprint("ssd_vgg", {"ssd_vgg": object()})["origin"] == "given"
+
+
+def test_unknown_target_and_step_are_user_errors(tmp_path):
+    from advdet.data.errors import AdvdetError
+
+    with pytest.raises(AdvdetError, match="unknown reproduction 'yolo'"):
+        reproduce("yolo", tmp_path)
+    with pytest.raises(AdvdetError, match="unknown step nope of rad; its steps are table3, table1_node_type"):
+        reproduce("rad", tmp_path, steps=["nope"])
+
+
+def test_cli_is_registered():
+    from typer.testing import CliRunner
+
+    from advdet.cli import app
+
+    res = CliRunner().invoke(app, ["reproduce", "--help"])
+    assert res.exit_code == 0 and "--limit" in res.output and "robustdet" in res.output
+    res = CliRunner().invoke(app, ["reproduce", "yolo"])
+    assert res.exit_code == 2
