@@ -22,8 +22,6 @@ from advdet.models.zoo import build_model, zoo_entries, zoo_entry
 from advdet.training.zoo_train import pretrain_val_metrics, shapes_val_metrics
 
 KEYS = {"detector": ("map", "map50", "map75"), "classifier": ("top1",), "backbone": ("top1", "top5")}
-#: where a card keeps its numbers: backbones are measured on their procedural validation split
-CARD_METRICS = {"backbone": "procedural_val"}
 
 
 def main() -> None:
@@ -41,19 +39,22 @@ def main() -> None:
     for e in entries:
         card = e.card
         t0 = time.perf_counter()
-        if e.kind == "backbone":
-            measured = pretrain_val_metrics(build_model(e.name), e.data)
+        key = "procedural_val" if "procedural_val" in card else "shapes_val"
+        if key == "procedural_val":  # a backbone, or the classifier that adopts resnet_pre's weights
+            data = e.data or zoo_entry(e.backbone_init).data
+            measured = pretrain_val_metrics(build_model(e.name), data)
         else:
             measured = shapes_val_metrics(build_model(e.name), e.kind, None)
-        card_metrics = card[CARD_METRICS.get(e.kind, "shapes_val")]
+        card_metrics = card[key]
+        keys = KEYS["backbone"] if key == "procedural_val" else KEYS[e.kind]
         seconds = time.perf_counter() - t0
         diffs = {}
-        for k in KEYS[e.kind]:
+        for k in keys:
             diffs[k] = abs(measured[k] - card_metrics[k])
             print(f"{e.name:<16} {k:<6} {card_metrics[k]:>7.4f} {measured[k]:>9.4f} {diffs[k]:>7.4f} {seconds:>8.1f}")
         worst = max(worst, *diffs.values())
-        rows.append({"name": e.name, "kind": e.kind, "card": {k: card_metrics[k] for k in KEYS[e.kind]},
-                     "measured": {k: measured[k] for k in KEYS[e.kind]}, "max_abs_diff": max(diffs.values()),
+        rows.append({"name": e.name, "kind": e.kind, "card": {k: card_metrics[k] for k in keys},
+                     "measured": {k: measured[k] for k in keys}, "max_abs_diff": max(diffs.values()),
                      "seconds": round(seconds, 1), "file_size": card["file_size"], "sha256": card["sha256"]})
     robust = {e.name for e in zoo_entries() if e.init is not None}
     sizes = {"zoo_without_robust": sum(e.card["file_size"] for e in zoo_entries() if e.trained and e.name not in robust),

@@ -167,3 +167,23 @@ def test_backbone_recipe_trains_resumes_and_writes_a_card(tmp_path, monkeypatch)
     val = card["procedural_val"]
     assert val["images"] == 8 and 0 <= val["top1"] <= val["top5"] <= 1
     assert card["input_size"] == 32 and card["num_classes"] == 4 and (tmp_path / "w" / "resnet_pre.safetensors").is_file()
+
+
+def test_the_classifier_is_resnet_pre_with_its_head(tmp_path, monkeypatch):
+    from advdet.models import zoo
+    from advdet.training.zoo_train import train_zoo_model
+
+    monkeypatch.setenv("ADVDET_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    pre = zoo_entry("resnet_pre")
+    monkeypatch.setattr(pre, "data", dict(PRETRAIN_DATA, val_per_class=1, num_classes=4, size=32))
+    torch.manual_seed(0)
+    src = pre.builder()
+    save_weights(src, tmp_path / "resnet_pre.safetensors", {"name": "resnet_pre"}, dtype=torch.float16)
+    card = train_zoo_model("classifier", out_dir=tmp_path / "out")
+    assert card["kind"] == "classifier" and card["backbone_init"] == "resnet_pre" and card["input_size"] == 256
+    assert card["procedural_val"]["images"] == 4
+    got = zoo.build_model("classifier", weights=tmp_path / "out" / "classifier.safetensors")
+    want = src.half().float().state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
+    assert got.input_size == 256 and got(torch.rand(1, 3, 256, 256)).shape == (1, PRETRAIN_DATA["num_classes"])

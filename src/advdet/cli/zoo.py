@@ -64,10 +64,11 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
 
     card = train_zoo_model(name, out_dir=out, run_dir=run_dir, resume=resume, overrides=parse_overrides(set_),
                            threads=threads, device=device, workers=workers)
+    split = "shapes-val" if "shapes_val" in card else "procedural-val"
     v = card.get("shapes_val") or card.get("procedural_val")
-    score = (f"top-1 {v['top1']:.3f}" + (" (procedural-val)" if "procedural_val" in card else "") if "top1" in v else
+    score = (f"top-1 {v['top1']:.3f}" + (f", top-5 {v['top5']:.3f}" if "top5" in v else "") if "top1" in v else
              f"mAP {v['map']:.3f}, mAP50 {v['map50']:.3f}, mAP75 {v['map75']:.3f}")
-    console.print(f"{name}: shapes-val {score}; {card['training_seconds']:.0f} s training; "
+    console.print(f"{name}: {split} {score}; {card['training_seconds']:.0f} s training; "
                   f"weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")
 
 

@@ -130,13 +130,18 @@ def _register_defaults() -> None:
                 backbone_keys={"model.backbone.body.": "body."}))
 
 
-    from advdet.models.classifier import small_classifier
+    from advdet.models.pretrained_backbone import resnet_tiny_pretrain
 
+    # the surrogate of RAD's classifier-transfer baselines is an ImageNet classifier (InceptionV3) in the
+    # paper; here it is the pretraining net itself, resnet_pre with its head, at the zoo's input size: its
+    # weights are resnet_pre's (no recipe of its own: `advdet zoo train classifier` adopts them)
     register(ZooEntry(
-        "classifier", "classifier", lambda: small_classifier(num_classes=k, input_size=ZOO_INPUT_SIZE),
-        "small ResNet-style multi-label image classifier (classes present), surrogate of RAD's "
-        "classifier-transfer baselines", kind="classifier",
-        recipe=dict(epochs=12, batch_size=32, lr=2e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=100)))
+        "classifier", "classifier",
+        lambda: resnet_tiny_pretrain(num_classes=PRETRAIN_DATA["num_classes"], input_size=ZOO_INPUT_SIZE),
+        "resnet_pre with its head (256 procedural classes) at 256 px: the surrogate of RAD's classifier-transfer "
+        "baselines, as InceptionV3 on ImageNet in the paper; its body is the one fcos, retinanet, fasterrcnn "
+        "and maskrcnn start from", kind="classifier", backbone_init="resnet_pre",
+        backbone_keys={"body.": "body.", "fc.": "fc."}))
     _register_robust(k)
 
 

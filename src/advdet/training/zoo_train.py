@@ -56,6 +56,8 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
     run_dir = Path(run_dir or advdet_home() / "runs" / name)
     if entry.kind == "backbone":
         return _train_backbone(entry, cfg, run_dir, out_dir, resume, overrides, eval_limit, device, workers)
+    if entry.kind == "classifier" and entry.backbone_init and not entry.recipe:
+        return _adopt_pretrained(entry, out_dir, eval_limit)
     for start in (entry.init, entry.backbone_init):  # fail early and clearly when a starting point is missing
         if start and not zoo_entry(start).trained:
             raise CheckpointError(f"{zoo_entry(start).weights_path}: {name!r} starts from the zoo's {start!r} "
@@ -180,6 +182,34 @@ def _train_backbone(entry, cfg: TrainConfig, run_dir: Path, out_dir, resume: boo
         "procedural_val": metrics,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}"
                    + (f", trained on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
+        "advdet_version": __version__,
+    }
+    return save_weights(model, Path(out_dir or ZOO_DIR) / f"{entry.name}.safetensors", card, dtype=entry.storage_dtype)
+
+
+def _adopt_pretrained(entry, out_dir, eval_limit: int | None) -> dict:
+    """A classifier entry without a recipe of its own: the weights of its ``backbone_init`` entry (body and
+    head) in its own input size, measured on that entry's procedural validation split."""
+    src = zoo_entry(entry.backbone_init)
+    if not src.trained:
+        raise CheckpointError(f"{src.weights_path}: {entry.name!r} adopts the zoo's {src.name!r} weights, which are "
+                              f"missing; train them first with `advdet zoo train {src.name}`")
+    model = entry.builder()
+    keys = load_backbone_init(model, entry)
+    missing = [k for k in model.state_dict() if k not in keys]
+    if missing:
+        raise CheckpointError(f"{src.weights_path}: does not fill {entry.name!r}: {missing[:3]}")
+    round_to_dtype(model, entry.storage_dtype)
+    card = {
+        "name": entry.name, "family": entry.family, "kind": entry.kind, "description": entry.description,
+        "architecture": type(model).__name__ + "(" + type(model.body).__name__ + ")",
+        "parameters": sum(p.numel() for p in model.parameters()), "input_size": ZOO_INPUT_SIZE,
+        "num_classes": model.num_classes, "data": src.card.get("data"), "recipe": None,
+        "command": f"advdet zoo train {entry.name}", "backbone_init": src.name,
+        "backbone_init_sha256": src.card.get("sha256"), "training_seconds": 0.0,
+        "procedural_val": pretrain_val_metrics(model, src.data, eval_limit),
+        "note": f"the weights of {src.name} (body and head), used at {ZOO_INPUT_SIZE} px; procedural_val is "
+                f"measured at the pretraining size ({src.data['size']} px)",
         "advdet_version": __version__,
     }
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{entry.name}.safetensors", card, dtype=entry.storage_dtype)
