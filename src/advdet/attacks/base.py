@@ -138,6 +138,26 @@ def nonzero_mask(x: torch.Tensor) -> torch.Tensor:
     return (x != 0).any(dim=1, keepdim=True)
 
 
+def knows_letterbox(targets: Any, mask: torch.Tensor | None) -> bool:
+    """Whether the caller says where the letterbox is: an explicit mask, or targets that all carry
+    ``letterbox`` parameters (as every advdet dataset yields them)."""
+    return mask is not None or (isinstance(targets, (list, tuple)) and bool(targets) and all(
+        isinstance(t, dict) and t.get("letterbox") is not None for t in targets))
+
+
+def micro_batches(x: torch.Tensor, targets: Any, mask: torch.Tensor | None, n: int) -> Iterator[tuple]:
+    """``(x, targets, mask)`` of consecutive micro-batches of ``n`` images (targets sliced when a list)."""
+    for i in range(0, x.shape[0], n):
+        sl = slice(i, i + n)
+        yield (x[sl], targets[sl] if isinstance(targets, (list, tuple)) else targets,
+               None if mask is None else mask[sl])
+
+
+def padded(x: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """``x`` with the pixels outside ``mask`` (the letterbox padding) set to ``value``."""
+    return torch.where(mask, x, torch.full_like(x, float(value)))
+
+
 def targets_to(targets: Any, device: torch.device) -> Any:
     """Move the tensors of a list of target dicts (or a tensor) to ``device``; other values untouched."""
     if targets is None:

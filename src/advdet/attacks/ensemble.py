@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from advdet.attacks.base import Attack
+from advdet.attacks.base import Attack, knows_letterbox, micro_batches, padded
 from advdet.data.errors import OptionError, UnknownNameError
 from advdet.models.detector import Detector
 
@@ -253,25 +253,21 @@ class EnsembleAttack(Attack):
         if n is None or x.shape[0] <= n:
             return self._attack_one(x, targets, mask)
         outs, states = [], []
-        for i in range(0, x.shape[0], n):
-            sl = slice(i, i + n)
-            tg = targets[sl] if isinstance(targets, (list, tuple)) else targets
-            outs.append(self._attack_one(x[sl], tg, None if mask is None else mask[sl]))
+        for xs, ts, ms in micro_batches(x, targets, mask, n):
+            outs.append(self._attack_one(xs, ts, ms))
             states.append(self.last_state)
         self.last_state = {**states[-1], "chunks": states}
         return torch.cat(outs)
 
     def _attack_one(self, x: torch.Tensor, targets: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        self._knows_letterbox = mask is not None or (
-            isinstance(targets, (list, tuple)) and bool(targets)
-            and all(isinstance(t, dict) and t.get("letterbox") is not None for t in targets))
+        self._knows_letterbox = knows_letterbox(targets, mask)
         return super().attack(x, targets, mask=mask)
 
     def _run(self, x: torch.Tensor, targets: Any, mask: torch.Tensor | None) -> torch.Tensor:
         """The base loop; members with a ``pad_value`` (RAD) see the padding at that value, as alone."""
         pad = getattr(self._members[0], "pad_value", None)
         repad = pad is not None and mask is not None and self._knows_letterbox
-        x_in = torch.where(mask, x, torch.full_like(x, float(pad))) if repad else x
+        x_in = padded(x, mask, pad) if repad else x
         x_adv = super()._run(x_in, targets, mask)
         if repad:
             x_adv = torch.where(mask, x_adv, x)
