@@ -72,6 +72,26 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
                   f"weights {card['file']} ({card['file_size'] / 1e6:.1f} MB)")
 
 
+@zoo_app.command("docs")
+def zoo_docs(out: Path = typer.Option(Path("docs/zoo.md"), help="The page to write."),
+             zoo_dir: Optional[Path] = typer.Option(None, help="Folder of cards and weights (default: the "
+                                                    "package's zoo_weights)."),
+             check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when OUT differs from "
+                                        "what the cards give.")) -> None:
+    """Write docs/zoo.md from the zoo's model cards (table, metrics, recipes, sha256 of every weight file)."""
+    from advdet.data.io import atomic_write_bytes
+    from advdet.models.zoo_docs import zoo_markdown
+
+    page = zoo_markdown(zoo_dir)
+    if check:
+        if not out.is_file() or out.read_text() != page:
+            console.print(f"{out} is stale: rerun `advdet zoo docs --out {out}`", markup=False)
+            raise typer.Exit(1)
+        console.print(f"{out} matches the cards", markup=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, page.encode())
+    console.print(f"wrote {out} ({page.count(chr(10))} lines)", markup=False)
 
 
 @zoo_app.command("compact")
