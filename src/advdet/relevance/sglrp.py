@@ -30,7 +30,8 @@ from advdet.models.detector import Detector, DenseOutput
 from advdet.relevance.nodes import (NodeSelection, NodeSet, OutputVector, TrackedNodes, Values, candidate_scores,
                                     node_columns, output_vector, resolve_values, score_values, select_nodes,
                                     selection_needs_boxes)
-from advdet.relevance.rules import LRPContext, LRPRules, _ShadowFn, lrp_backward, trace_forward
+from advdet.relevance.rules import LRPContext, LRPRules, lrp_backward, trace_forward
+from advdet.relevance.rules.smooth import ShadowFn
 
 Variant = Literal["paper", "rad_code"]
 
@@ -126,7 +127,7 @@ def _outputs(detector: Detector, tr: _Trace, include_boxes: bool, values: str) -
     if values == "logits":
         path = ov_path.raw
     else:  # exact mode: the sigmoid / softmax's vjp at the plain pass's scores (as the rules' smooth ops)
-        path = _ShadowFn.apply(ov_path.raw, lambda r: score_values(ov_true, r, values), ov_true.raw)
+        path = ShadowFn.apply(ov_path.raw, lambda r: score_values(ov_true, r, values), ov_true.raw)
     return _Outputs(ov_true, path.reshape(path.shape[0], -1).relu(), o, y)
 
 

@@ -1,0 +1,53 @@
+"""Normalisation layers (BatchNorm, FrozenBatchNorm, GroupNorm, LayerNorm, InstanceNorm, SSD's L2Norm):
+relevance passed through unchanged (``norm="pass"``, the reference) or routed by the gradient
+(``norm="gradient"``, see :mod:`.smooth`). Functionals are intercepted by the context; norm-like modules
+written as plain arithmetic are hooked by module type (:func:`default_passthrough_modules`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from advdet.relevance.rules.context import LRPContext
+
+NORM_FUNCS = {F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm}
+
+
+class PassThrough(torch.autograd.Function):
+    """Forward: a given value (the layer's output). Backward: relevance passed to the input unchanged."""
+
+    @staticmethod
+    def forward(ctx, inp, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, rel):
+        return rel, None
+
+
+def default_passthrough_modules() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+        types.append(FrozenBatchNorm2d)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from advdet.models.ssd_vgg import L2Norm
+        types.append(L2Norm)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def pass_norm(ctx: "LRPContext", func, args, kwargs):
+    """A normalisation functional under ``norm="pass"``: its value, relevance passed to its input unchanged."""
+    out = func(*args, **kwargs)
+    inp = args[0] if args else kwargs["input"]
+    if isinstance(inp, torch.Tensor) and inp.requires_grad and out.shape == inp.shape:
+        ctx.stats.norms += 1
+        return PassThrough.apply(inp, out.detach())
+    return out
