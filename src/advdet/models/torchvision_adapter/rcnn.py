@@ -1,0 +1,149 @@
+"""The two-stage adapters: Faster R-CNN and Mask R-CNN (softmax with background over RPN proposals)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from advdet.models.detector import DenseOutput, NMSConfig, check_finite
+from advdet.models.torchvision_adapter.base import TorchvisionDetector
+
+class FasterRCNNDetector(TorchvisionDetector):
+    """torchvision ``FasterRCNN`` behind the Detector contract.
+
+    Input: x float (B, 3, S, S) in [0, 1]. Outputs:
+
+    - ``dense(x)``: the box predictor over the RPN proposals, padded to the batch's largest proposal count
+      N: ``score_mode="softmax_bg"``; ``logits`` (B, N, K + 1), column 0 background; ``boxes`` (B, N, 4) the
+      class-specific decoded (unclipped) box of each proposal's argmax foreground class; ``anchors``
+      (B, N, 4) the proposals; ``valid`` (B, N) False on padding; ``extra``: ``class_boxes`` (B, N, K, 4)
+      decoded boxes of every class, ``box_regression`` (B, N, C*4) raw deltas (C torchvision columns),
+      ``num_proposals`` (list of ints), ``proposal_scores`` (B, N) RPN objectness probabilities of the
+      proposals (detached, as torchvision), ``rpn_objectness`` (B, A) RPN objectness logits of every anchor
+      (differentiable), ``tv_logits`` (B, N, 91) for COCO-layout models. Proposals are detached (as in
+      torchvision); gradients reach ``x`` through the ROI features.
+    - ``predict(x)`` / ``postprocess(dense)``: torchvision's ``roi_heads.postprocess_detections``.
+    - ``loss``: ``cls`` (``loss_classifier``), ``loc`` (``loss_box_reg``), ``rpn_obj`` (``loss_objectness``),
+      ``rpn_loc`` (``loss_rpn_box_reg``) [, ``mask`` (``loss_mask``)].
+    """
+
+    family = "faster_rcnn"
+    score_mode = "softmax_bg"
+    background = True
+    loss_names = {"loss_classifier": "cls", "loss_box_reg": "loc", "loss_objectness": "rpn_obj",
+                  "loss_rpn_box_reg": "rpn_loc", "loss_mask": "mask"}
+
+    def _backbone(self, x: torch.Tensor):
+        images = self._transform(x)
+        feats = self.model.backbone(images.tensors)
+        if isinstance(feats, torch.Tensor):
+            feats = OrderedDict([("0", feats)])
+        return images, feats
+
+    def _rpn(self, images, feats):
+        """``RegionProposalNetwork.forward`` without the losses, also returning the anchor logits."""
+        rpn = self.model.rpn
+        fl = list(feats.values())
+        objectness, deltas = rpn.head(fl)
+        anchors = rpn.anchor_generator(images, fl)
+        b = len(anchors)
+        num_anchors_per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
+        boxes, scores = rpn.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+        return boxes, scores, objectness.view(b, -1)
+
+    def dense(self, x: torch.Tensor, proposals: Sequence[torch.Tensor] | None = None) -> DenseOutput:
+        """``proposals``: optional per-image (n_i, 4) boxes used instead of the RPN's, e.g. the proposals of
+        the clean image that attacks keep fixed (DAG); ``extra["proposal_scores"]`` is then 0."""
+        m = self.model
+        rh = m.roi_heads
+        images, feats = self._backbone(x)
+        rpn_proposals, prop_scores, rpn_obj = self._rpn(images, feats)
+        if proposals is None:
+            proposals = rpn_proposals
+        else:
+            if len(proposals) != x.shape[0]:
+                raise ValueError(f"{len(proposals)} proposal sets for a batch of {x.shape[0]} images")
+            proposals = [p.detach().to(rpn_proposals[0]).reshape(-1, 4) for p in proposals]
+            prop_scores = [p.new_zeros(p.shape[0]) for p in proposals]
+        bf = rh.box_head(rh.box_roi_pool(feats, proposals, images.image_sizes))
+        class_logits, box_regression = rh.box_predictor(bf)
+        counts = [p.shape[0] for p in proposals]
+        c = class_logits.shape[-1]
+        decoded = rh.box_coder.decode(box_regression, proposals).reshape(-1, c, 4)  # (sumN, C, 4)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return pad_sequence(list(t.split(counts, 0)), batch_first=True)
+
+        tv_logits = pad(class_logits)
+        logits = self._ours_from_tv_logits(tv_logits)
+        class_boxes = pad(decoded)[..., self.tv_label_of, :]  # (B, N, K, 4)
+        best = logits[..., int(self.background):].argmax(-1)
+        boxes = class_boxes.gather(2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(2)
+        anchors = pad_sequence(proposals, batch_first=True)
+        n = anchors.shape[1]
+        valid = torch.arange(n, device=x.device)[None] < torch.tensor(counts, device=x.device)[:, None]
+        check_finite(type(self).__name__, logits=logits, boxes=boxes)
+        extra = {"class_boxes": class_boxes, "box_regression": pad(box_regression), "num_proposals": counts,
+                 "proposal_scores": pad_sequence(prop_scores, batch_first=True), "rpn_objectness": rpn_obj}
+        if not self._identity:
+            extra["tv_logits"] = tv_logits
+        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="softmax_bg", valid=valid,
+                           extra=extra)
+
+    @torch.no_grad()
+    def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
+        """torchvision's ``roi_heads.postprocess_detections`` over the unpadded proposals of ``dense``.
+
+        For Mask R-CNN pass the input ``x`` too to get ``masks`` (the mask branch needs the features).
+        """
+        rh = self.model.roi_heads
+        valid = dense.valid
+        b = valid.shape[0]
+        cl = self._tv_logits(dense).detach()[valid]
+        br = dense.extra["box_regression"].detach()[valid]
+        proposals = [dense.anchors[i].detach()[valid[i]] for i in range(b)]
+        sizes = self._sizes(b)
+        boxes, scores, labels = rh.postprocess_detections(cl, br, proposals, sizes)
+        dets = [{"boxes": bx, "labels": lb, "scores": sc} for bx, sc, lb in zip(boxes, scores, labels)]
+        if self.has_masks and x is not None:
+            self._add_masks(x, dets)
+        dets = self.model.transform.postprocess(dets, sizes, sizes)
+        return [self._to_contiguous(d) for d in dets]
+
+    def _add_masks(self, x: torch.Tensor, dets: list[dict]) -> None:
+        rh = self.model.roi_heads
+        images, feats = self._backbone(x)
+        mf = rh.mask_head(rh.mask_roi_pool(feats, [d["boxes"] for d in dets], images.image_sizes))
+        probs = maskrcnn_inference(rh.mask_predictor(mf), [d["labels"] for d in dets])
+        for p, d in zip(probs, dets):
+            d["masks"] = p
+
+    def nms_config(self) -> NMSConfig:
+        rh = self.model.roi_heads
+        return NMSConfig(score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh,
+                         pre_nms_topk=self.model.rpn._post_nms_top_n["testing"], max_detections=rh.detections_per_img)
+
+    def set_nms(self, cfg: NMSConfig) -> None:
+        """Set the ROI heads' score threshold, NMS IoU and output cap (``pre_nms_topk`` is not used: the RPN
+        proposal counts stay as configured)."""
+        rh = self.model.roi_heads
+        rh.score_thresh, rh.nms_thresh, rh.detections_per_img = cfg.score_thresh, cfg.nms_thresh, cfg.max_detections
+
+
+class MaskRCNNDetector(FasterRCNNDetector):
+    """torchvision ``MaskRCNN`` behind the Detector contract: as :class:`FasterRCNNDetector` plus masks.
+
+    ``predict(x)`` adds ``masks`` (M, S, S) float probabilities (torchvision's pasted masks, squeezed);
+    ``postprocess(dense, x)`` adds them when ``x`` is given; ``loss`` needs target ``masks`` (N, S, S) and
+    adds ``mask`` (``loss_mask``).
+    """
+
+    family = "mask_rcnn"
+    has_masks = True
