@@ -24,9 +24,10 @@ from torchvision.ops import box_iou
 
 #: loss names of the Detector contract counted as classification (A_cls) and localization (A_loc):
 #: objectness (YOLO ``obj``, Faster R-CNN ``rpn_obj``) is the background/foreground part of the
-#: classification confidence, like SSD's background column.
+#: classification confidence, like SSD's background column. Localization includes the box terms that
+#: come beside an L1/IoU one: ultralytics' distribution focal loss (``dfl``) and RT-DETR's GIoU (``giou``).
 CLS_KEYS = ("cls", "obj", "rpn_obj")
-LOC_KEYS = ("loc", "rpn_loc")
+LOC_KEYS = ("loc", "rpn_loc", "dfl", "giou")
 
 
 def _is_ssd_vgg(detector: Any) -> bool:

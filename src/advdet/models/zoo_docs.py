@@ -156,7 +156,9 @@ def zoo_markdown(zoo_dir: str | os.PathLike | None = None) -> str:
     order, each weight file hashed from disk."""
     from advdet.models.zoo import ZOO_DIR, zoo_entries
 
-    registered = [e.name for e in zoo_entries()]
+    # entries of optional extras (yolov8, rtdetr) are listed once shipped, so the page does not depend on
+    # which extras the machine that writes it has installed
+    registered = [e.name for e in zoo_entries() if e.extra is None or e.trained]
     folder = Path(zoo_dir) if zoo_dir is not None else ZOO_DIR
     cards = read_zoo_cards(folder, order=registered)
     sha = {}
