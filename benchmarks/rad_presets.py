@@ -50,7 +50,8 @@ def _micro_batch(args) -> dict:
 
 
 def run(name: str, args) -> Path:
-    from advdet.bench.transfer import json_ready, transfer_matrix
+    from advdet.bench.transfer import transfer_matrix
+    from advdet.bench.transfer_report import json_ready
 
     path = Path(args.out) / f"{name}.json"
     if path.exists():

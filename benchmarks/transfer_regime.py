@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(json.dumps(summary["goals"], indent=2))
     if args.out:
-        from advdet.bench.transfer import json_ready
+        from advdet.bench.transfer_report import json_ready
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from advdet.bench import demo as demo_mod
-from advdet.bench.transfer import ABLATION, NO_ATTACK
+from advdet.bench.transfer_rows import ABLATION, NO_ATTACK
 from advdet.data.shapes import SHAPE_CLASSES, write_shapes_split
 
 K = len(SHAPE_CLASSES)

@@ -181,7 +181,7 @@ def test_unknown_ensemble_member_is_one_clear_error():
 
 
 def test_plan_rows_leave_one_out():
-    from advdet.bench.transfer import ABLATION, NO_ATTACK, ensemble_members, plan_rows
+    from advdet.bench.transfer_rows import ABLATION, NO_ATTACK, ensemble_members, plan_rows
 
     pool = ["yolov3", "ssd_vgg", "fcos"]
     rows = plan_rows(["yolov3+fcos"], ["pgd", "cls-pgd"], leave_one_out=pool)

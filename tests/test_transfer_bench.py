@@ -76,9 +76,11 @@ import json  # noqa: E402
 
 from advdet.attacks.quantize import quantize_adv  # noqa: E402
 from advdet.attacks.registry import build_attack  # noqa: E402
-from advdet.bench.transfer import (ABLATION, NO_ATTACK, json_ready, plan_rows, reletterbox,  # noqa: E402
-                                   transfer_matrix, transfer_report, transfer_table)
+from advdet.bench.transfer import transfer_matrix  # noqa: E402
+from advdet.bench.transfer_report import json_ready, transfer_report, transfer_table  # noqa: E402
+from advdet.bench.transfer_rows import ABLATION, NO_ATTACK, plan_rows  # noqa: E402
 from advdet.data.collate import collate_detection  # noqa: E402
+from advdet.data.letterbox import reletterbox  # noqa: E402
 from advdet.data.registry import build_dataset  # noqa: E402
 from advdet.data.shapes import SHAPE_CLASSES, write_shapes_split  # noqa: E402
 from advdet.metrics.coco_map import coco_map  # noqa: E402

@@ -77,7 +77,8 @@ def run_demo(out: str | Path | None = "advdet-report", *, limit: int = DEMO_LIMI
     """Run the demo (see the module docstring); returns ``{"transfer", "robustness", "notes", "report",
     "seconds"}``. ``victims``, ``robust``, ``models``, ``allow_untrained`` override what is found in the
     zoo (tests); ``note`` receives every "skipped ..." line as it happens."""
-    from advdet.bench.transfer import transfer_matrix, transfer_report
+    from advdet.bench.transfer import transfer_matrix
+    from advdet.bench.transfer_report import transfer_report
 
     t0 = time.perf_counter()
     notes: list[str] = []

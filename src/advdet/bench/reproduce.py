@@ -371,7 +371,7 @@ def _run_step(step: Step, *, data: str, limit: int | None, seed: int, batch_size
               device, models: Mapping | None, attack_kwargs: Mapping, allow_untrained: bool, progress: bool,
               ) -> tuple[dict, dict]:
     """Run one step; returns (JSON-ready result, derived claims)."""
-    from advdet.bench.transfer import json_ready
+    from advdet.bench.transfer_report import json_ready
 
     p = dict(step.params)
     common = dict(limit=limit, batch_size=batch_size, seed=seed, device=device, progress=progress, n_boot=n_boot,
@@ -605,7 +605,7 @@ def _sweep_table(rep, title: str, records: Mapping[str, dict], name: str, key: s
 
 def _rad_page(rep, records: Mapping[str, dict], out: Path) -> dict:
     from advdet.bench.intervals import transfer_interval_table, transfer_paired_table
-    from advdet.bench.transfer import transfer_table
+    from advdet.bench.transfer_report import transfer_table
 
     summary: dict = {"claims": [], "goal": []}
     t3 = records.get("table3")

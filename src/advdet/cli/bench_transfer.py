@@ -196,7 +196,8 @@ def bench_transfer(
                                            "ATTACK.normalize=true.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
-    from advdet.bench.transfer import json_ready, transfer_matrix, transfer_report
+    from advdet.bench.transfer import transfer_matrix
+    from advdet.bench.transfer_report import json_ready, transfer_report
     from advdet.data.errors import AdvdetError
     from advdet.data.io import atomic_write_json
 

@@ -30,7 +30,7 @@ def demo(out: Path = typer.Option(Path("advdet-report"), help="Folder of the rep
 
     from advdet.bench.demo import (DEMO_ATTACKS, DEMO_LIMIT, DEMO_ROBUST_LIMIT, DEMO_ROBUST_STEPS, DEMO_SURROGATE,
                                    run_demo)
-    from advdet.bench.transfer import json_ready
+    from advdet.bench.transfer_report import json_ready
     from advdet.cli.bench_transfer import print_transfer
     from advdet.data.io import atomic_write_json
     from advdet.data.shapes import ensure_default_shapes

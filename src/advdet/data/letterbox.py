@@ -1,7 +1,9 @@
-"""Letterbox: resize so the long side is S, zero-pad to S x S (RAD appendix E.1), and its inverse."""
+"""Letterbox: resize so the long side is S, zero-pad to S x S (RAD appendix E.1), its inverse, and
+:func:`reletterbox` (a letterboxed canvas to another size)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,3 +94,23 @@ def unletterbox_masks(masks: torch.Tensor, p: LetterboxParams) -> torch.Tensor:
         return torch.zeros((0, p.orig_h, p.orig_w), dtype=torch.uint8, device=masks.device)
     r = F.interpolate(crop[:, None], size=(p.orig_h, p.orig_w), mode="bilinear", align_corners=False)[:, 0]
     return (r > 0.5).to(torch.uint8)
+
+
+def reletterbox(images_u8: torch.Tensor, params: Sequence[LetterboxParams], size: int) -> tuple[torch.Tensor, list]:
+    """Letterboxed uint8 canvases (B, 3, S, S) -> float canvases (B, 3, size, size) in [0, 1] for a model of
+    another input size: the image content is cut out, resized (bilinear, antialiased) to the content size
+    of a ``size`` letterbox of the original image, and placed on a zero canvas. Returns the canvases and
+    their ``LetterboxParams`` (relative to the original image, for mapping predictions back)."""
+    b = images_u8.shape[0]
+    out = torch.zeros((b, 3, size, size), dtype=torch.float32, device=images_u8.device)
+    new_params = []
+    for i, p in enumerate(params):
+        nh, nw = p.content_hw
+        crop = images_u8[i:i + 1, :, p.pad_y:p.pad_y + nh, p.pad_x:p.pad_x + nw].float() / 255.0
+        q = letterbox_params(p.orig_h, p.orig_w, size)
+        th, tw = q.content_hw
+        if (th, tw) != (nh, nw):
+            crop = F.interpolate(crop, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+        out[i, :, q.pad_y:q.pad_y + th, q.pad_x:q.pad_x + tw] = crop[0].clamp(0, 1)
+        new_params.append(q)
+    return out, new_params
