@@ -111,7 +111,8 @@ class RTDetrDetector(Detector):
     - ``logits`` (B, Q, K): the last decoder layer's class logits, read with sigmoid;
     - ``boxes`` (B, Q, 4): its boxes as xyxy in input pixels (``pred_boxes`` are relative cxcywh);
     - ``anchors`` (B, Q, 4): the queries' initial reference boxes (the encoder's top-k proposals), xyxy pixels;
-    - ``extra["pred_boxes"]`` (B, Q, 4) relative cxcywh, ``extra["outputs"]`` the HF output object.
+    - ``extra["pred_boxes"]`` (B, Q, 4) relative cxcywh (also ``extra["bbox_regression"]``: the typed box
+      outputs of loc / size nodes), ``extra["outputs"]`` the HF output object.
 
     ``predict(x)``: the HF image processor's ``post_process_object_detection`` (sigmoid, top-Q over all
     (query, class) pairs, threshold) with ``target_sizes`` = (S, S); boxes are not clipped (as HF returns
@@ -152,7 +153,7 @@ class RTDetrDetector(Detector):
         anchors = (center_to_corners_format(init[:, -q:]) * scale) if init is not None else boxes.detach()
         check_finite("rtdetr.dense", logits=out.logits, boxes=boxes)
         return DenseOutput(logits=out.logits, boxes=boxes, anchors=anchors, score_mode="sigmoid",
-                           extra={"pred_boxes": out.pred_boxes, "outputs": out})
+                           extra={"pred_boxes": out.pred_boxes, "bbox_regression": out.pred_boxes, "outputs": out})
 
     def dense(self, x: torch.Tensor) -> DenseOutput:
         return self._dense_from(self._forward(x), x)

@@ -150,6 +150,8 @@ class UltralyticsDetector(Detector):
     - ``anchors`` (B, N, 4): stride-sized boxes centred on the anchor points;
     - ``extra["pred"]`` (B, 4 + K, N): ultralytics' own inference tensor (xywh boxes, sigmoid scores), the
       input of its NMS; ``extra["box_dist"]`` (B, N, 4 * reg_max): the raw DFL logits;
+      ``extra["bbox_regression"]`` (B, N, 4): their expectations, the left, top, right, bottom distances in
+      strides (the typed box outputs of loc / size relevance nodes, as FCOS's);
       ``extra["num_per_level"]``, ``extra["strides"]``, ``extra["sizes"]`` (lists).
 
     ``predict(x) -> list[dict]``: ultralytics' ``non_max_suppression(extra["pred"], ...)`` with ``nms`` (the
@@ -196,7 +198,8 @@ class UltralyticsDetector(Detector):
         feats = preds["feats"]
         anchor_pts, stride_t = (a.transpose(0, 1) for a in make_anchors(feats, head.stride, 0.5))  # (2, N), (1, N)
         # exactly the head's inference decode (Detect._get_decode_boxes), without touching its cached anchors
-        dbox = head.decode_bboxes(head.dfl(preds["boxes"]), anchor_pts.unsqueeze(0)) * stride_t  # (B, 4, N)
+        dist = head.dfl(preds["boxes"])  # (B, 4, N) DFL expectation of the edge distances, in strides
+        dbox = head.decode_bboxes(dist, anchor_pts.unsqueeze(0)) * stride_t  # (B, 4, N)
         scores = preds["scores"]  # (B, K, N) logits
         pred = torch.cat((dbox, scores.sigmoid()), 1)
         boxes = dbox.transpose(1, 2)
@@ -210,7 +213,7 @@ class UltralyticsDetector(Detector):
         check_finite("ultralytics.dense", logits=logits, boxes=boxes)
         sizes = [(f.shape[2], f.shape[3]) for f in feats]
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid", extra={
-            "pred": pred, "box_dist": preds["boxes"].transpose(1, 2),
+            "pred": pred, "box_dist": preds["boxes"].transpose(1, 2), "bbox_regression": dist.transpose(1, 2),
             "num_per_level": [h * w for h, w in sizes], "strides": [float(s) for s in head.stride],
             "sizes": sizes})
 
