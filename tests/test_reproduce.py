@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from advdet.bench.reproduce import (FAILS, HOLDS, UNDECIDED, StaleStepError, Step, combine, mean_samples,
-                                    rad_claims, rad_goal, ratio_samples, reduction_interval, reproduce,
-                                    reproduce_command, robustdet_claims, verdict)
+from advdet.bench.reproduce import StaleStepError, reproduce, reproduce_command
+from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, mean_samples, rad_claims, rad_goal,
+                                           ratio_samples, reduction_interval, robustdet_claims, verdict)
+from advdet.bench.reproduce_steps import Step
 
 
 # ------------------------------------------------------------------------------------------- verdict rules

@@ -28,7 +28,8 @@ def reproduce_cmd(
         device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present).")) -> None:
     """Regenerate a paper's tables from the shipped zoo, with a verdict per claim (holds / fails / undecided
     from 95 % bootstrap intervals). Resumable: a step whose JSON is in OUT is not computed again."""
-    from advdet.bench.reproduce import DEFAULT_LIMITS, TARGETS, reproduce, reproduce_command
+    from advdet.bench.reproduce import reproduce, reproduce_command
+    from advdet.bench.reproduce_steps import DEFAULT_LIMITS, TARGETS
 
     if target not in TARGETS:
         raise typer.BadParameter(f"{target!r}: choose one of {', '.join(TARGETS)}", param_hint="TARGET")

@@ -1,0 +1,277 @@
+"""The pages of a reproduction: ``OUT/<target>.md`` and ``OUT/<target>.json`` written from every step file
+present (command, weights and their sha256, wall time, verdicts, tables; figures in ``OUT/<target>/``)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from advdet.bench.reproduce_steps import FORMAT, RAD_DEFAULT_SETTING, Step
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _load_steps(target: str, out: Path, steps: Sequence[Step]) -> dict[str, dict]:
+    from advdet.data.io import read_json
+
+    found = {}
+    for s in steps:
+        p = out / target / f"{s.name}.json"
+        if p.is_file():
+            found[s.name] = read_json(p)
+    return found
+
+
+def _fmt(ci: Mapping | None, scale: float = 100.0, signed: bool = False) -> str | None:
+    from advdet.bench.intervals import fmt_interval
+
+    return fmt_interval(ci, scale, signed)
+
+
+def _page_weights(records: Mapping[str, dict], fingerprints: Mapping[str, dict]) -> dict[str, dict]:
+    """Per model the weights file and sha256 the step results name (``weights_sha256`` of the transfer
+    results' model info; the robustness results' weights file, hashed)."""
+    from advdet.models.weights import sha256_file
+
+    out: dict[str, dict] = {}
+    for rec in records.values():
+        res = rec["result"]
+        infos = res.get("models") if isinstance(res.get("models"), dict) else {}
+        for name, info in infos.items():
+            fp = fingerprints.get(name, {})
+            if fp.get("origin") == "given":  # a module passed in (its name may still be a zoo entry's)
+                out.setdefault(name, dict(fp))
+            elif isinstance(info, dict) and "weights_sha256" in info:
+                out.setdefault(name, {"file": info.get("weights") or fp.get("file"), "sha256": info["weights_sha256"],
+                                      "origin": fp.get("origin", "zoo" if info["weights_sha256"] else "given")})
+        origins = res.get("weights") if isinstance(res.get("weights"), dict) else {}
+        for name, origin in origins.items():
+            if name in out:
+                continue
+            if fingerprints.get(name, {}).get("origin") == "given":
+                out[name] = dict(fingerprints[name])
+            elif origin in ("untrained", "given"):
+                out[name] = {"file": None, "sha256": None, "origin": origin}
+            else:
+                p = Path(origin)
+                out[name] = {"file": str(p), "sha256": sha256_file(p) if p.is_file() else None, "origin": "zoo"}
+    return out
+
+
+def _claim_rows(claims: Sequence[dict]) -> list[list]:
+    """Rows of the verdict table: one per claim (its interval or, for a claim over parts, the combined
+    verdict), then one per part."""
+    rows = []
+    for c in claims:
+        signed = c["threshold"] <= 0
+        t = 100 * c["threshold"]
+        thr = f"{c['comparison']} {t:+.0f}" if signed else f"{c['comparison']} {t:.0f}"
+        stat = _fmt(c["interval"], signed=signed) if c["interval"] is not None else "every part below"
+        rows.append([c["id"], c["claim"], c["statistic"], stat or "-", thr, f"**{c['verdict']}**"])
+        for p in c["parts"]:
+            rows.append(["", "", p["label"], _fmt(p["interval"], signed=signed) or "-", thr, p["verdict"]])
+    return rows
+
+
+def _write_figure(path: Path, fig) -> None:
+    from advdet.bench.plots import figure_png
+    from advdet.data.io import atomic_write_bytes
+
+    atomic_write_bytes(path, figure_png(fig))
+
+
+def _bootstrap_rows(res: Mapping) -> list[tuple[dict, dict]]:
+    block = res.get("bootstrap") or {}
+    return list(zip(res["rows"], block.get("rows") or [{} for _ in res["rows"]]))
+
+
+def _sweep_table(rep, title: str, records: Mapping[str, dict], name: str, key: str, default) -> list | None:
+    """A RAD sweep step as a table of mAP50 with intervals per victim, Table 3's RAD row as the default
+    value."""
+    rows = []
+    victims = None
+    t3 = records.get("table3")
+    if t3 is not None:
+        res3 = t3["result"]
+        victims = res3["victims"]
+        for r, ci in _bootstrap_rows(res3):
+            if r["attack"] == "rad":
+                tag = f"eps={float(default):g}" if key == "eps" else f"[{default}]"
+                rows.append((default, f"{r['label']} {tag} (Table 3's row)", r, ci))
+    rec = records.get(name)
+    if rec is not None:
+        res = rec["result"]
+        victims = victims or res["victims"]
+        for r, ci in _bootstrap_rows(res):
+            if r.get("sweep") is not None:
+                rows.append((r["sweep_value"], r["label"], r, ci))
+    if not rows:
+        rep.add_text(f"## {title}\n\nNot run yet (step `{name}`).")
+        return None
+    if key == "eps":
+        rows.sort(key=lambda t: float(t[0]))
+    cols = [key, "row"] + victims + ["black-box mean"]
+    table = [[t[0], t[1]] + [_fmt((t[3].get("cells") or {}).get(v)) for v in victims] + [_fmt(t[3].get("black_box"))]
+             for t in rows]
+    note = "box mAP50 x100 with 95 % bootstrap intervals; every row on the same images and resamples"
+    if rec is None:
+        note += f"; step `{name}` has not run yet: only Table 3's row"
+    rep.add_table(title, cols, table, note=note)
+    return rows
+
+
+def _rad_page(rep, records: Mapping[str, dict], out: Path) -> dict:
+    from advdet.bench.intervals import transfer_interval_table, transfer_paired_table
+    from advdet.bench.transfer_report import transfer_table
+
+    summary: dict = {"claims": [], "goal": []}
+    t3 = records.get("table3")
+    if t3 is not None:
+        res = t3["result"]
+        claims, goal = t3["derived"].get("claims", []), t3["derived"].get("goal", [])
+        summary.update(claims=claims, goal=goal)
+        rep.add_table("Verdicts: the paper's claims", ["claim", "text", "statistic", "value [95 % interval] (%)",
+                                                        "threshold", "verdict"], _claim_rows(claims),
+                      note="statistics computed on every bootstrap resample of the images; holds: the whole "
+                           "interval meets the threshold; fails: none of it does; undecided: it crosses the threshold")
+        if goal:
+            victims = [p["label"] for p in goal[0]["parts"]]
+            cols = ["attack"] + [f"{v} cut %" for v in victims] + ["worst victim", "verdict"]
+            table = []
+            for g in goal:
+                by = {p["label"]: p for p in g["parts"]}
+                table.append([g["attack"]] + [_fmt(by[v]["interval"]) if v in by else "-" for v in victims]
+                             + [g["worst"] or "-", g["verdict"]])
+            rep.add_table("Project goal: halve the black-box mAP50 of every unseen zoo family at eps 16", cols, table,
+                          note="per black-box victim of the row: 1 - row/No Attack mAP50, per resample; the goal "
+                               "holds for an attack when it holds (interval >= 50 %) on every victim")
+        ci_table = transfer_interval_table(res)
+        if ci_table is not None:
+            rep.add_table("Table 3: box mAP50 (x100) with 95 % bootstrap intervals", *ci_table,
+                          note="`*` white-box cell; black-box mean over the victims other than the row's surrogate")
+        paired = transfer_paired_table(res)
+        if paired is not None:
+            rep.add_table("Table 3, paired: RAD minus each baseline, mAP50 points", *paired,
+                          note="on the same resamples; negative: RAD leaves a lower mAP50")
+        cols, rows = transfer_table(res, "map")
+        rep.add_table("Table 3: box mAP@[.5:.95] (x100)", cols, rows)
+        masks = [v for v in res["victims"] if "segm_map" in res["rows"][0]["metrics"][v]]
+        if masks:
+            cols = ["attack"] + [f"{v} {k}" for v in masks for k in ("segm mAP", "segm mAP50")]
+            table = [[r["label"]] + [None if r["metrics"][v].get(k) is None else 100 * r["metrics"][v][k]
+                                     for v in masks for k in ("segm_map", "segm_map50")] for r in res["rows"]]
+            rep.add_table("Table 4: segmentation mAP (x100)", cols, table)
+        rep.add_table("Table 5: perturbation (0-255)", ["attack", "RMSE", "mean Linf", "max Linf"],
+                      [[r["label"], r["perturbation"]["rmse"], r["perturbation"]["linf"], r["perturbation"]["linf_max"]]
+                       for r in res["rows"]])
+    else:
+        rep.add_text("## Verdicts\n\nTable 3 (the step the verdicts come from) has not run yet.")
+    _sweep_table(rep, "Table 1: node types (RAD)", records, "table1_node_type", "node_type",
+                 RAD_DEFAULT_SETTING["node_type"])
+    _sweep_table(rep, "Table 2: update techniques (RAD)", records, "table2_technique", "technique",
+                 RAD_DEFAULT_SETTING["technique"])
+    rows = _sweep_table(rep, "Fig. 7: RAD against eps", records, "fig7_eps", "eps", RAD_DEFAULT_SETTING["eps"])
+    if rows and t3 is not None:
+        from advdet.bench.plots import eps_curve_figure
+
+        res3 = t3["result"]
+        victims = res3["victims"]
+        eps = [float(t[0]) for t in rows]
+        fig = eps_curve_figure(eps, {v: [t[2]["metrics"][v]["map50"] for t in rows] for v in victims},
+                               "RAD: box mAP50 against eps (RAD Fig. 7)", ylabel="box mAP50",
+                               reference={v: res3["rows"][0]["metrics"][v]["map50"] for v in victims})
+        _write_figure(out / "rad" / "fig7_eps.png", fig)
+        rep.add_text("![RAD: box mAP50 against eps](rad/fig7_eps.png)")
+    return summary
+
+
+def _rob_page(rep, records: Mapping[str, dict], out: Path) -> dict:
+    from advdet.bench import intervals as ci
+    from advdet.bench.robustness import ATTACK_LABELS, attack_label, sweep_figure, sweep_rows, table_rows
+
+    summary: dict = {"claims": []}
+    t1 = records.get("table1")
+    if t1 is not None:
+        res = t1["result"]
+        claims = t1["derived"].get("claims", [])
+        summary["claims"] = claims
+        rep.add_table("Verdicts: the paper's claims", ["claim", "text", "statistic", "value [95 % interval] (points)",
+                                                        "threshold", "verdict"], _claim_rows(claims),
+                      note="differences computed on every bootstrap resample of the images (paired); holds: the "
+                           "whole interval meets the threshold; fails: none of it does; undecided: it crosses it")
+        cols, rows = table_rows(res)
+        rep.add_table("Table 1: mAP50 (%) under white-box attacks", cols, rows,
+                      note=f"arrows: change against {res['models'][0]}; {res['metric']}, eps {res['eps']:g}")
+        t = ci.robustness_interval_table(res, ATTACK_LABELS)
+        if t is not None:
+            rep.add_table("Table 1 with 95 % bootstrap intervals", *t)
+        t = ci.robustness_paired_table(res, ATTACK_LABELS)
+        if t is not None:
+            rep.add_table(f"Table 1, paired: each model minus {res['models'][0]}", *t)
+    else:
+        rep.add_text("## Verdicts\n\nTable 1 (the step the verdicts come from) has not run yet.")
+    f7 = records.get("fig7_steps")
+    if f7 is not None:
+        res = f7["result"]
+        for a in res["attacks"]:
+            t = ci.sweep_interval_table(res, a)
+            cols, rows = t if t is not None else sweep_rows(res, a)
+            rep.add_table(f"Fig. 7: {attack_label(a)} against the number of steps, mAP50 (%)", cols, rows)
+        _write_figure(out / "robustdet" / "fig7_steps.png", sweep_figure(res))
+        rep.add_text("![mAP50 against attack steps](robustdet/fig7_steps.png)")
+    else:
+        rep.add_text("## Fig. 7a/b\n\nNot run yet.")
+    return summary
+
+
+def write_page(target: str, out: Path, steps: Sequence[Step], status: Mapping[str, str],
+                fingerprints: Mapping[str, dict], command: str | None, limit: int, t0: float) -> dict:
+    from advdet import __version__
+    from advdet.bench.report import Report
+    from advdet.data.io import atomic_write_bytes, atomic_write_json
+
+    import torch
+
+    records = _load_steps(target, out, steps)
+    wall = round(time.perf_counter() - t0, 3)
+    step_seconds = {n: r.get("seconds") for n, r in records.items()}
+    weights = _page_weights(records, fingerprints)
+    paper = "RAD (Chen et al.)" if target == "rad" else "RobustDet (Dong et al., ECCV 2022)"
+    rep = Report(f"{paper} on the shipped zoo: advdet reproduce {target}", float_format="{:.1f}")
+    first = next(iter(records.values()), None)
+    images = first["result"].get("images") if first else None
+    lines = [f"Made by `{command}` (advdet {__version__}; resumable: every step is kept in `{target}/STEP.json` "
+             "and reused when present).", "",
+             f"- data: `{first['config']['data'] if first else '-'}`, {images if images is not None else limit} "
+             f"images; seed {first['config']['seed'] if first else '-'}; "
+             f"{first['config']['n_boot'] if first else '-'} bootstrap resamples",
+             f"- wall time of the last invocation: {wall:.0f} s; the steps' own wall times: "
+             + ", ".join(f"{n} {s:.0f} s" for n, s in step_seconds.items() if s is not None)
+             + f" (total {sum(s for s in step_seconds.values() if s):.0f} s)",
+             f"- machine of the last invocation: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+             f"torch {torch.__version__}", ""]
+    if target == "rad":
+        lines.append("The default-setting rows of Tables 1 and 2 and of Fig. 7 (cls nodes, SI, eps 16) are Table "
+                     "3's RAD row: same images, seed and settings, crafted once.")
+    rep.add_text("\n".join(lines))
+    rep.add_table("Steps", ["step", "what", "status", "seconds", "finished"],
+                  [[s.name, s.title, status.get(s.name, "reused" if s.name in records else "not run"),
+                    records[s.name]["seconds"] if s.name in records else None,
+                    records[s.name].get("finished_utc") if s.name in records else None] for s in steps])
+    rep.add_table("Weights", ["model", "file", "sha256"],
+                  [[m, w["file"] or w["origin"], w["sha256"] or "-"] for m, w in weights.items()])
+    summary = _rad_page(rep, records, out) if target == "rad" else _rob_page(rep, records, out)
+    page = {"format": FORMAT, "target": target, "command": command, "written_utc": now_utc(), "wall_seconds": wall,
+            "step_seconds": step_seconds, "steps": {s.name: {"file": f"{target}/{s.name}.json",
+                                                             "status": status.get(s.name, "reused" if s.name in
+                                                                                  records else "not run")}
+                                                    for s in steps},
+            "weights": weights, **summary}
+    md_path, json_path = out / f"{target}.md", out / f"{target}.json"
+    atomic_write_bytes(md_path, rep.to_markdown().encode("utf-8"))
+    atomic_write_json(json_path, page, indent=1)
+    return {**page, "md": str(md_path), "json": str(json_path)}

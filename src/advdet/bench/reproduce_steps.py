@@ -1,0 +1,96 @@
+"""What a reproduction runs: its targets, models and attacks, and its resumable steps.
+
+Each step is one benchmark call whose result is one resumable file (:mod:`advdet.bench.reproduce`).
+
+RAD (surrogate ``yolov3``, every zoo detector a victim, eps 16, ``shapes-val``):
+
+- ``table3``: every attack (RAD, DAG, Dfool, Loc/Size, OSFD, the four classifier attacks) with No Attack
+  and the Gaussian Ablation; it also gives Table 4 (segmentation mAP of maskrcnn) and Table 5 (RMSE);
+- ``table1_node_type``: RAD with ``loc`` and ``size`` nodes (``cls``, RAD's default, is Table 3's row);
+- ``table2_technique``: RAD with no update technique, DI and TI (SI, RAD's default, is Table 3's row);
+- ``fig7_eps``: RAD at eps 4, 8, 12 (eps 16 is Table 3's row).
+
+RobustDet (the zoo ``ssd_vgg`` and the six robust entries, eps 8):
+
+- ``table1``: clean, A_cls, A_loc, CWA and RobustDet's DAG for every entry;
+- ``fig7_steps``: A_cls and A_loc against the number of PGD steps (Fig. 7a/b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+__all__ = ["TARGETS", "Step", "rad_steps", "robustdet_steps", "step_models", "DEFAULT_LIMITS", "RAD_SURROGATE",
+           "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS"]
+
+TARGETS = ("rad", "robustdet")
+FORMAT = 1
+
+#: RAD's surrogate, victims and Table 3 attacks (RAD sec. 4.1: eps 16, step 2, 10 iterations)
+RAD_SURROGATE = "yolov3"
+RAD_VICTIMS = ("yolov3", "ssd_vgg", "retinanet", "fcos", "fasterrcnn", "maskrcnn")
+RAD_TABLE3_ATTACKS = ("rad", "dag-eps", "dfool", "loc-shift", "size", "osfd", "cls-pgd", "cls-si-pgd",
+                      "cls-mi-di-pgd", "cls-mi-ti-pgd")
+RAD_EPS = 16.0
+#: RAD computes two images per relevance graph (as fast as the batch graph, half its memory; the demo's)
+RAD_ATTACK_KWARGS = {"rad": {"micro_batch": 2}}
+#: the sweeps' values that are not Table 3's RAD row (whose defaults are cls nodes, SI, eps 16)
+RAD_NODE_TYPES = ("loc", "size")
+RAD_TECHNIQUES = ("none", "DI", "TI")
+RAD_SWEEP_EPS = (4.0, 8.0, 12.0)
+RAD_DEFAULT_SETTING = {"node_type": "cls", "technique": "SI", "eps": RAD_EPS}
+
+#: RobustDet: the standard model first (the baseline of the paired differences), then the robust entries
+ROBUST_MODELS = ("ssd_vgg", "ssd_vgg-at-cls", "ssd_vgg-at-loc", "ssd_vgg-mtd", "ssd_vgg-cwat", "robustdet",
+                 "robustdet-cfr")
+ROBUST_ATTACKS = ("clean", "cls", "loc", "cwa", "dag")
+ROBUST_SWEEP_STEPS = (1, 5, 10, 20)
+#: default images: the issue's runs (RAD on >= 200 images, RobustDet Table 1 on >= 100)
+DEFAULT_LIMITS = {"rad": 200, "robustdet": 100}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One resumable part of a reproduction: a benchmark call (``kind``: ``transfer``, ``robustness`` or
+    ``steps_sweep``) with its own parameters; written to ``OUT/<target>/<name>.json``."""
+
+    name: str
+    title: str
+    kind: str
+    params: dict = field(default_factory=dict)
+
+
+def rad_steps(surrogate: str = RAD_SURROGATE, victims: Sequence[str] = RAD_VICTIMS,
+              attacks: Sequence[str] = RAD_TABLE3_ATTACKS, classifier: str = "classifier") -> list[Step]:
+    """The RAD reproduction's steps (see the module docstring)."""
+    base = {"surrogates": [surrogate], "victims": list(victims), "classifier": classifier}
+    return [
+        Step("table3", "Tables 3-5: every attack, the classifier rows, the Gaussian ablation", "transfer",
+             {**base, "attacks": list(attacks), "eps": RAD_EPS}),
+        Step("table1_node_type", "Table 1: node types", "transfer",
+             {**base, "attacks": ["rad"], "eps": RAD_EPS, "sweep": "node_type", "sweep_values": list(RAD_NODE_TYPES)}),
+        Step("table2_technique", "Table 2: update techniques", "transfer",
+             {**base, "attacks": ["rad"], "eps": RAD_EPS, "sweep": "technique", "sweep_values": list(RAD_TECHNIQUES)}),
+        Step("fig7_eps", "Fig. 7: eps sweep", "transfer", {**base, "attacks": ["rad"], "eps": list(RAD_SWEEP_EPS)}),
+    ]
+
+
+def robustdet_steps(models: Sequence[str] = ROBUST_MODELS) -> list[Step]:
+    """The RobustDet reproduction's steps (see the module docstring)."""
+    return [
+        Step("table1", "Table 1: clean, A_cls, A_loc, CWA, DAG", "robustness",
+             {"models": list(models), "attacks": list(ROBUST_ATTACKS)}),
+        Step("fig7_steps", "Fig. 7a/b: A_cls and A_loc against the number of steps", "steps_sweep",
+             {"models": list(models), "attacks": ["cls", "loc"], "steps": list(ROBUST_SWEEP_STEPS)}),
+    ]
+
+
+def step_models(step: Step) -> list[str]:
+    p = step.params
+    if step.kind == "transfer":
+        names = list(p["surrogates"]) + list(p["victims"])
+        if any(a.startswith("cls-") for a in p["attacks"]):
+            names.append(p["classifier"])
+        return list(dict.fromkeys(names))
+    return list(p["models"])
