@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from advdet.attacks.quantize import load_png, to_uint8
 from advdet.bench.aoco import build_aoco, parse_victims
-from advdet.bench.craft import load_attack_registry
+from advdet.bench.craft_job import load_attack_registry
 from advdet.cli import app
 from advdet.data.coco import CocoDetection
 from advdet.data.shapes import generate_shapes

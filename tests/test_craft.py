@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from advdet.attacks.quantize import load_png, to_uint8
 from advdet.attacks.registry import ATTACKS
-from advdet.bench.craft import CraftError, batch_seed, craft_dataset
+from advdet.bench.craft import CraftError, craft_dataset
+from advdet.bench.craft_job import batch_seed
 from advdet.cli import app
 from advdet.data.coco import CocoDetection
 from advdet.data.coco_writer import CocoWriter

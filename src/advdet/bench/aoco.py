@@ -30,7 +30,8 @@ from typing import Any, Sequence
 from torch.utils.data import Dataset
 
 from advdet import __version__
-from advdet.bench.craft import CraftError, craft_dataset, dist_active, dist_barrier
+from advdet.bench.craft import CraftError, craft_dataset
+from advdet.bench.distributed import dist_active, dist_barrier
 from advdet.bench.runtime import resolve_device
 from advdet.data.coco import CocoDetection
 from advdet.data.io import atomic_write_json, read_json

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def print_attack_list() -> None:
     from advdet.attacks.registry import CLASSIFIER_ATTACKS
-    from advdet.bench.craft import load_attack_registry
+    from advdet.bench.craft_job import load_attack_registry
 
     table = Table(title="advdet attacks (advdet attack --attack NAME)")
     table.add_column("name", style="bold")
@@ -108,7 +108,9 @@ def attack_cmd(
     if not attack or out is None:
         raise AdvdetError("--attack and --out are required (or --list)")
     from advdet.attacks.registry import CLASSIFIER_ATTACKS
-    from advdet.bench.craft import craft_dataset, init_distributed, load_attack_registry, shutdown_distributed
+    from advdet.bench.craft import craft_dataset
+    from advdet.bench.craft_job import load_attack_registry
+    from advdet.bench.distributed import init_distributed, shutdown_distributed
 
     registry = load_attack_registry()
     if attack not in registry:

@@ -46,7 +46,7 @@ def dataset_cmd(
     """Build the AOCO protocol (RAD sec. 5): out/det crafted on the detection surrogate, out/seg on the
     mask surrogate; resumable; under `torchrun -m advdet dataset` the images are sharded by rank."""
     from advdet.bench.aoco import build_aoco, parse_victims
-    from advdet.bench.craft import init_distributed, shutdown_distributed
+    from advdet.bench.distributed import init_distributed, shutdown_distributed
 
     try:
         kw = parse_overrides(set_)
