@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from advdet.bench.robustness import attack_targets, build_table_attack
+from advdet.bench.robustness_columns import attack_targets, build_table_attack
 from advdet.data.collate import collate_detection
 from advdet.data.registry import build_dataset
 from advdet.models.zoo import build_model

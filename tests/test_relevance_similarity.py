@@ -164,7 +164,7 @@ def test_pair_value_equals_an_independent_recomputation(tiny_run):
     with tied values given their mean rank (double argsort where there are no ties)."""
     import torch.nn.functional as F
 
-    from advdet.bench.robustness import load_eval_dataset
+    from advdet.bench.robustness_scoring import load_eval_dataset
 
     res, out, dets = tiny_run
     root = out.parent / "coco"

@@ -16,8 +16,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from advdet.attacks.registry import build_attack
-from advdet.bench.robustness import (RobustDetDAG, UntrainedModelError, load_detector, load_eval_dataset,
-                                     robustness_steps_sweep, robustness_table, table_rows)
+from advdet.attacks.dag_robustdet import RobustDetDAG
+from advdet.bench.loading import UntrainedModelError, load_detector
+from advdet.bench.robustness import robustness_steps_sweep, robustness_table
+from advdet.bench.robustness_report import table_rows
+from advdet.bench.robustness_scoring import load_eval_dataset
 from advdet.models.box_ops import match_priors
 from advdet.models.detector import Detector, DenseOutput, NMSConfig, postprocess_dense
 
@@ -362,7 +365,7 @@ def test_cli_table_sweep_json_and_report(tmp_path, toy_coco):
 
 def test_table_columns_build_the_documented_attacks():
     from advdet.attacks.dag import DAG
-    from advdet.bench.robustness import build_table_attack
+    from advdet.bench.robustness_columns import build_table_attack
 
     toy = ToyDetector()
     assert build_table_attack("clean", toy) is None

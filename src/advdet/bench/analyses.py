@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, Subset
 from advdet.attacks.base import eval_mode
 from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, per_image_losses, sum_keys
 from advdet.bench.plots import figure_png, new_figure
-from advdet.bench.robustness import attack_label, attack_targets, build_table_attack, load_detector, load_eval_dataset
+from advdet.bench.loading import load_detector
+from advdet.bench.robustness_columns import attack_label, attack_targets, build_table_attack
+from advdet.bench.robustness_scoring import load_eval_dataset
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.collate import collate_detection
 from advdet.data.io import atomic_write_bytes, atomic_write_json

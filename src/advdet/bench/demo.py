@@ -146,7 +146,7 @@ def run_demo(out: str | Path | None = "advdet-report", *, limit: int = DEMO_LIMI
         if notes:
             rep.add_text("Notes:\n\n" + "\n".join(f"- {n}" for n in notes))
         if robustness is not None:
-            from advdet.bench.robustness import robustness_report
+            from advdet.bench.robustness_report import robustness_report
 
             robustness_report(robustness, report=rep)
         report_path = rep.write(out)

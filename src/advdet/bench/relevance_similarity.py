@@ -39,7 +39,7 @@ from torch import nn
 from advdet.bench.analyses import _nan_to_none
 from advdet.bench.loading import LoadedModel, load_model
 from advdet.bench.plots import figure_png, new_figure
-from advdet.bench.robustness import load_eval_dataset
+from advdet.bench.robustness_scoring import load_eval_dataset
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.io import atomic_write_bytes, atomic_write_json
 from advdet.data.letterbox import LetterboxParams, letterbox_params

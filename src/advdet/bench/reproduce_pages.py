@@ -191,7 +191,8 @@ def _rad_page(rep, records: Mapping[str, dict], out: Path) -> dict:
 
 def _rob_page(rep, records: Mapping[str, dict], out: Path) -> dict:
     from advdet.bench import intervals as ci
-    from advdet.bench.robustness import ATTACK_LABELS, attack_label, sweep_figure, sweep_rows, table_rows
+    from advdet.bench.robustness_columns import ATTACK_LABELS, attack_label
+    from advdet.bench.robustness_report import sweep_figure, sweep_rows, table_rows
 
     summary: dict = {"claims": []}
     t1 = records.get("table1")

@@ -96,7 +96,7 @@ def confidence_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data
                    out: Path = _OUT, device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
     """Fig. 7c: distribution of detection confidences on clean, A_cls and A_loc images."""
     from advdet.bench.analyses import run_confidence
-    from advdet.bench.robustness import attack_label
+    from advdet.bench.robustness_columns import attack_label
 
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
     res = _run(run_confidence, model=model, data=data, out_dir=out, weights=weights, ann=ann, limit=limit,

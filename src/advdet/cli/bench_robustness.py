@@ -78,8 +78,9 @@ def robustness_cmd(
         no_ci: bool = typer.Option(False, "--no-ci", help="No bootstrap intervals (same as --n-boot 0)."),
         ci_seed: int = typer.Option(0, help="Seed of the bootstrap resamples.")) -> None:
     """White-box robustness of detectors, laid out like RobustDet Table 1 (mAP50 per model and attack)."""
-    from advdet.bench.robustness import (attack_label, robustness_report, robustness_steps_sweep,
-                                         robustness_table, sweep_rows, table_rows)
+    from advdet.bench.robustness import robustness_steps_sweep, robustness_table
+    from advdet.bench.robustness_columns import attack_label
+    from advdet.bench.robustness_report import robustness_report, sweep_rows, table_rows
     from advdet.data.io import atomic_write_json
 
     model_list = split_list(models, "models")
@@ -98,7 +99,7 @@ def robustness_cmd(
         result = robustness_table(model_list, attack_list, steps=step_list[0] if step_list else None, **kw)
 
     from advdet.bench import intervals as ci
-    from advdet.bench.robustness import ATTACK_LABELS
+    from advdet.bench.robustness_columns import ATTACK_LABELS
 
     metric_name = "VOC07 mAP50" if result["metric"] == "voc07" else "COCO AP50"
     block = result.get("intervals")

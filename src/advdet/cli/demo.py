@@ -52,7 +52,7 @@ def demo(out: Path = typer.Option(Path("advdet-report"), help="Folder of the rep
     if result["transfer"] is not None:
         print_transfer({**result["transfer"], "skipped": [], "notes": result["transfer"]["notes"]}, console)
     if result["robustness"] is not None:
-        from advdet.bench.robustness import table_rows
+        from advdet.bench.robustness_report import table_rows
         from rich.table import Table
 
         rob = result["robustness"]
