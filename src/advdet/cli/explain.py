@@ -40,7 +40,7 @@ def explain_cmd(
     """Relevance figure of one image: predictions, single-box SGLRP maps, Multi-Node SGLRP map."""
     import torch
 
-    from advdet.data.coco import load_letterboxed
+    from advdet.data.reading import load_letterboxed
     from advdet.data.io import read_image_rgb
     from advdet.models.zoo import build_model, is_external
     from advdet.relevance import NodeSelection, explain_image

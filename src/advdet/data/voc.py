@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from advdet.data.coco import MODE_NAMES, clip_boxes, image_size, load_checked, load_letterboxed
 from advdet.data.errors import DataReport, DatasetError
 from advdet.data.letterbox import letterbox_boxes
+from advdet.data.reading import MODE_NAMES, clip_boxes, image_size, load_checked, load_letterboxed
 
 log = logging.getLogger(__name__)
 
