@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from advdet.bench.analyses import (LOSS_CHANGE_PAIRS, conv_layers, detection_loss, entanglement_ratio,
-                                   gradient_entanglement, histogram, loss_change, per_image_detection_loss,
-                                   per_layer_entanglement, run_confidence, run_entanglement, run_loss_change)
+from advdet.bench.analyses import run_confidence, run_entanglement, run_loss_change
+from advdet.bench.analyses_measures import (LOSS_CHANGE_PAIRS, conv_layers, detection_loss, entanglement_ratio,
+                                            gradient_entanglement, histogram, loss_change, per_image_detection_loss,
+                                            per_layer_entanglement)
 from test_robustness_bench import TOY_OBJECTS, ToyDetector, write_toy_coco
 
 

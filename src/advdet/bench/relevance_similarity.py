@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advdet.bench.analyses import _nan_to_none
 from advdet.bench.loading import LoadedModel, load_model
 from advdet.bench.plots import figure_png, new_figure
 from advdet.bench.robustness_scoring import load_eval_dataset
-from advdet.bench.runtime import jsonable, resolve_device
+from advdet.bench.runtime import jsonable, nan_to_none, resolve_device
 from advdet.data.io import atomic_write_bytes, atomic_write_json
 from advdet.data.letterbox import LetterboxParams, letterbox_params
 from advdet.models.detector import Detector
@@ -353,6 +352,6 @@ def run_relevance_similarity(models: Sequence[str], data: str | os.PathLike, out
     for kind in KINDS:
         fig = similarity_figure(models, kind, result["kinds"][kind], n)
         atomic_write_bytes(pngs[kind], figure_png(fig))
-    result = _nan_to_none(result)
+    result = nan_to_none(result)
     atomic_write_json(result["json"], result, indent=2)
     return result

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["resolve_device", "jsonable", "release_memory"]
+__all__ = ["resolve_device", "jsonable", "nan_to_none", "release_memory"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -44,6 +44,17 @@ def jsonable(value: Any) -> Any:
         return {"type": type(value).__name__,
                 **{f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     return repr(value)
+
+
+def nan_to_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) in it, nested in dicts / lists / tuples, as None."""
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj
 
 
 @functools.cache
