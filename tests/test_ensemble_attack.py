@@ -74,7 +74,7 @@ def test_ensemble_needs_members_of_one_input_size():
 
 
 # ------------------------------------------------------------------------------ ensembles of any attack (issue 24)
-from advdet.attacks.base import letterbox_mask  # noqa: E402
+from advdet.attacks.batches import letterbox_mask  # noqa: E402
 from advdet.attacks.ensemble import EnsembleAttack, EnsembleError, parse_ensemble  # noqa: E402
 from advdet.data.errors import AdvdetError, UnknownNameError  # noqa: E402
 from advdet.data.letterbox import letterbox_params  # noqa: E402

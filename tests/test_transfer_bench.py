@@ -163,7 +163,7 @@ def test_attack_row_equals_direct_evaluation(result, tiny_data, tiny_models):
     x, targets = collate_detection([ds[i] for i in range(3)])
     atk = build_attack("gaussian", None, valid_only=True, seed=3)
     atk.manual_seed(3 + 0)
-    from advdet.attacks.base import letterbox_mask
+    from advdet.attacks.batches import letterbox_mask
 
     mask = letterbox_mask([t["letterbox"] for t in targets], 64, 64)
     q = quantize_adv(atk(x, None, mask=mask), x, None, mask=mask)

@@ -3,7 +3,8 @@ loss-based detector attacks (PGD, A_cls, A_loc, CWA, MTD), DAG, Dfool, Loc/Size,
 the feature-level OSFD, ensembles of surrogates for every attack (``ensemble``), classifier transfer
 baselines, quantisation-safe saving (``quantize``) and the registry."""
 
-from advdet.attacks.base import Attack, eval_mode, letterbox_mask, nonzero_mask
+from advdet.attacks.base import Attack, eval_mode
+from advdet.attacks.batches import letterbox_mask, nonzero_mask
 from advdet.attacks.classifier import ClassifierMIDIPGD, ClassifierMITIPGD, ClassifierPGD, ClassifierSIPGD
 from advdet.attacks.cwa import CWA
 from advdet.attacks.dag import DAG, DAGEps, adversarial_label_map

@@ -21,25 +21,11 @@ Conventions
   normalisation (sign, mean |g|, max |g|, MI's L1 norm) is per image, so a deterministic attack gives
   the same result for an image whether it is attacked alone or in a batch.
 
-``valid_only`` (RAD's ``clip_valid``): only the letterboxed image, not its zero padding, is changed.
-The mask is taken, in this order, from (1) the ``mask=`` argument of ``attack`` ((B, 1, H, W) or
-(B, H, W) bool); (2) the ``letterbox`` entries of the targets (``LetterboxParams`` or its dict, as the
-datasets of advdet yield them), which is exact even for black image content and is what RAD's code
-uses (the letterbox's image region, ``val_image``); (3) a fallback when nothing says where the letterbox
-is: the pixels where the clean image is nonzero in any channel (zero padding assumed).
+``valid_only`` (RAD's ``clip_valid``): only the letterboxed image, not its zero padding, is changed; where
+the mask comes from: :mod:`advdet.attacks.batches`.
 
-Update rules (``update=``):
-- ``"sign"``: PGD, ``x <- x + step * sign(g)``;
-- ``"mean_abs"``: RAD eq. 5, ``d = g / mean|g|`` (mean over the C*H*W values of the image),
-  ``x <- x + step * d`` (for an objective to ascend; RAD's ``x - alpha * d`` of a loss to descend);
-- ``"linf"``: DAG, ``x <- x + step * g / max|g|``;
-- ``"term_mean_abs"``: RAD's reference code (``utils.build_direction`` + ``calculate_direction``): every
-  gradient term (each SI / DI copy, or the one gradient without input transforms) is divided by its
-  own mean |g| *before* the average, and the average is the step direction **as it is** (not
-  normalised again), so a step is shorter than ``step`` wherever the terms disagree.
-
-``filter_terms=True`` (RAD's reference code): gradient filters (TI) act on every gradient term before its
-normalisation instead of once on the average.
+Update rules (``update=``: ``sign``, ``mean_abs``, ``linf``, ``term_mean_abs``): :mod:`advdet.attacks.update_rules`
+(also ``filter_terms``).
 
 Extension point (how RAD and every attack here are written)
 -----------------------------------------------------------
@@ -96,13 +82,13 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
-from advdet.attacks.transforms import GradientTransform, per_image_mean_abs
+from advdet.attacks.batches import letterbox_mask, nonzero_mask, targets_to
+from advdet.attacks.transforms import GradientTransform
+from advdet.attacks.update_rules import UPDATE_RULES, GradFn, TermNormalizer, compose, direction
 
 log = logging.getLogger(__name__)
 
-UPDATE_RULES = ("sign", "mean_abs", "linf", "term_mean_abs")
-
-GradFn = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["Attack", "eval_mode"]
 
 
 @contextmanager
@@ -115,89 +101,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, t in saved:
             m.training = t
-
-
-def _lb_get(p: Any, key: str):
-    return p[key] if isinstance(p, dict) else getattr(p, key)
-
-
-def letterbox_mask(params: Sequence[Any], h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """(B, 1, H, W) bool mask of the image area inside the letterbox canvas, from ``LetterboxParams``
-    (or their ``as_dict()`` form)."""
-    out = torch.zeros((len(params), 1, h, w), dtype=torch.bool, device=device)
-    for i, p in enumerate(params):
-        scale, oh, ow = float(_lb_get(p, "scale")), int(_lb_get(p, "orig_h")), int(_lb_get(p, "orig_w"))
-        nh, nw = max(1, round(oh * scale)), max(1, round(ow * scale))
-        py, px = int(_lb_get(p, "pad_y")), int(_lb_get(p, "pad_x"))
-        out[i, :, py:py + nh, px:px + nw] = True
-    return out
-
-
-def nonzero_mask(x: torch.Tensor) -> torch.Tensor:
-    """Fallback valid mask (no letterbox known): (B, 1, H, W) True where the image is nonzero in any channel."""
-    return (x != 0).any(dim=1, keepdim=True)
-
-
-def knows_letterbox(targets: Any, mask: torch.Tensor | None) -> bool:
-    """Whether the caller says where the letterbox is: an explicit mask, or targets that all carry
-    ``letterbox`` parameters (as every advdet dataset yields them)."""
-    return mask is not None or (isinstance(targets, (list, tuple)) and bool(targets) and all(
-        isinstance(t, dict) and t.get("letterbox") is not None for t in targets))
-
-
-def micro_batches(x: torch.Tensor, targets: Any, mask: torch.Tensor | None, n: int) -> Iterator[tuple]:
-    """``(x, targets, mask)`` of consecutive micro-batches of ``n`` images (targets sliced when a list)."""
-    for i in range(0, x.shape[0], n):
-        sl = slice(i, i + n)
-        yield (x[sl], targets[sl] if isinstance(targets, (list, tuple)) else targets,
-               None if mask is None else mask[sl])
-
-
-def padded(x: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
-    """``x`` with the pixels outside ``mask`` (the letterbox padding) set to ``value``."""
-    return torch.where(mask, x, torch.full_like(x, float(value)))
-
-
-def targets_to(targets: Any, device: torch.device) -> Any:
-    """Move the tensors of a list of target dicts (or a tensor) to ``device``; other values untouched."""
-    if targets is None:
-        return None
-    if isinstance(targets, torch.Tensor):
-        return targets.to(device)
-    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-
-
-def direction(g: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-image step direction of gradient ``g`` (B, ...) under an update rule (see module doc)."""
-    if rule == "sign":
-        return g.sign()
-    if rule == "mean_abs":
-        return g / per_image_mean_abs(g).clamp_min(torch.finfo(g.dtype).tiny)
-    if rule == "term_mean_abs":  # the terms were normalised one by one in Attack.gradient
-        return g
-    if rule == "linf":
-        m = g.flatten(1).abs().amax(1).view(-1, *([1] * (g.ndim - 1)))
-        return g / m.clamp_min(torch.finfo(g.dtype).tiny)
-    raise ValueError(f"unknown update rule {rule!r}; choose one of {UPDATE_RULES}")
-
-
-class _TermNormalizer:
-    """g / mean|g| per image (the per-term normalisation of ``update="term_mean_abs"``)."""
-
-    @staticmethod
-    def process(g: torch.Tensor) -> torch.Tensor:
-        return direction(g, "mean_abs")
-
-
-def _compose(fn: GradFn, processors: Sequence[Any]) -> GradFn:
-    """``fn`` followed by each processor's ``process``, in order."""
-    def composed(xi: torch.Tensor) -> torch.Tensor:
-        g = fn(xi)
-        for p in processors:
-            g = p.process(g)
-        return g
-
-    return composed
 
 
 class Attack:
@@ -404,10 +307,10 @@ class Attack:
         filters = [t for t in transforms if t.stage == 1]
         fn: GradFn = lambda xi: self.raw_gradient(xi, state, objective)  # noqa: E731
         if self.filter_terms and filters:
-            fn = _compose(fn, filters)
+            fn = compose(fn, filters)
             filters = []
         if self.update == "term_mean_abs":
-            fn = _compose(fn, [_TermNormalizer()])
+            fn = compose(fn, [TermNormalizer()])
         for i, tr in enumerate(reversed([t for t in transforms if t.stage == 0])):
             fn = tr.wrap(fn, self.generator, deterministic=i == 0)  # only the innermost wraps a pure gradient
         g = fn(x_adv)

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from advdet.attacks.base import Attack, direction
+from advdet.attacks.base import Attack
+from advdet.attacks.update_rules import direction
 from advdet.attacks.pgd import resolve_targets
 from advdet.attacks.proposals import clean_proposals, dense_at
 from advdet.models.box_ops import match_priors

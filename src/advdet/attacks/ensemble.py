@@ -54,7 +54,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from advdet.attacks.base import Attack, knows_letterbox, micro_batches, padded
+from advdet.attacks.base import Attack
+from advdet.attacks.batches import knows_letterbox, micro_batches, padded
 from advdet.data.errors import OptionError, UnknownNameError
 from advdet.models.detector import Detector
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from advdet.attacks.base import direction
+from advdet.attacks.update_rules import direction
 from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, sum_keys, total_losses
 from advdet.attacks.pgd import PGD, ClsAttack, LocAttack
 from advdet.attacks.transforms import GradientTransform

@@ -55,7 +55,8 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from advdet.attacks.base import Attack, knows_letterbox, micro_batches, padded
+from advdet.attacks.base import Attack
+from advdet.attacks.batches import knows_letterbox, micro_batches, padded
 from advdet.attacks.transforms import SI, GradientTransform
 from advdet.relevance import LRPRules, NodeSelection, TrackedNodes, output_vector, relevance_map
 from advdet.relevance.nodes import OutputVector, foreground_columns, reference_rank_column, score_values

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from advdet import __version__
-from advdet.attacks.base import Attack, letterbox_mask
+from advdet.attacks.base import Attack
+from advdet.attacks.batches import letterbox_mask
 from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.rad import RADDiagnostics

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advdet.attacks.base import letterbox_mask
+from advdet.attacks.batches import letterbox_mask
 from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS

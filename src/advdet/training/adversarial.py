@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from advdet.attacks.base import Attack, direction, eval_mode
+from advdet.attacks.base import Attack, eval_mode
+from advdet.attacks.update_rules import direction
 from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, sum_keys
 from advdet.attacks.mtd import MTD
 from advdet.attacks.registry import build_attack
