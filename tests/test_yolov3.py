@@ -16,7 +16,8 @@ from advdet.models.darknet_weights import (
     save_darknet_weights,
 )
 from advdet.models.detector import NMSConfig, postprocess_dense
-from advdet.models.yolov3 import YOLOv3Detector, YOLOv3Net, yolov3, yolov3_small
+from advdet.models.yolov3 import YOLOv3Detector, yolov3, yolov3_small
+from advdet.models.yolov3_net import YOLOv3Net
 
 S = 64
 K = 3

@@ -1,4 +1,4 @@
-"""Darknet's binary ``.weights`` format, read and written for :class:`~advdet.models.yolov3.YOLOv3Net`.
+"""Darknet's binary ``.weights`` format, read and written for :class:`~advdet.models.yolov3_net.YOLOv3Net`.
 
 Layout (little-endian): a header of int32 ``major``, ``minor``, ``revision``, then ``seen`` (images
 seen in training) as int64 when ``major*10 + minor >= 2`` (and major, minor < 1000), else int32.
