@@ -1,6 +1,6 @@
 """The layer rule (README, DESIGN.md): imports only go up the list data -> metrics -> models -> relevance ->
 attacks -> training -> bench -> cli. Checked on the AST of every module under src/advdet, lazy imports
-inside functions included."""
+inside functions included. Also the size rule (issue 23): no source file over 400 lines."""
 
 from __future__ import annotations
 
@@ -87,3 +87,29 @@ def test_the_check_finds_an_upward_import(tmp_path):
                                          ("advdet.__main__", "cli")])
 def test_target_layer(name, layer):
     assert target_layer(name) == layer
+
+
+#: the most lines a source file under src/advdet may have (issue 23: split a longer one by concept)
+MAX_LINES = 400
+
+
+def oversized_files(root: Path = SRC, limit: int = MAX_LINES) -> list[str]:
+    """``path: N lines`` of every .py file under ``root`` longer than ``limit`` lines."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        n = len(path.read_text().splitlines())
+        if n > limit:
+            out.append(f"{path.relative_to(root.parent)}: {n} lines")
+    return out
+
+
+def test_no_source_file_over_400_lines():
+    assert oversized_files() == []
+
+
+def test_the_size_check_finds_a_long_file(tmp_path):
+    root = tmp_path / "advdet"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "ok.py").write_text("x = 1\n" * MAX_LINES)
+    (root / "models" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert oversized_files(root) == [f"advdet/models/long.py: {MAX_LINES + 1} lines"]
