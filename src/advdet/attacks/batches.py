@@ -17,6 +17,7 @@ import torch
 
 __all__ = ["letterbox_mask", "nonzero_mask", "knows_letterbox", "micro_batches", "padded", "targets_to"]
 
+
 def _lb_get(p: Any, key: str):
     return p[key] if isinstance(p, dict) else getattr(p, key)
 

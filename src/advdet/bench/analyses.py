@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = ["loss_change_figure", "entanglement_figure", "confidence_figure", "load_batches", "run_loss_change",
            "run_entanglement", "run_confidence"]
 
+
 # ------------------------------------------------------------------------------------ figures
 def _write_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, figure_png(fig))

@@ -34,7 +34,6 @@ LOSS_CHANGE_PAIRS = ("clean->clean", "clean->adv", "adv->clean", "adv->adv")
 DET_KEYS = CLS_KEYS + LOC_KEYS
 
 
-
 # ------------------------------------------------------------------------------------ losses
 def detection_loss(detector: Detector, x: torch.Tensor, targets: list[dict]) -> torch.Tensor:
     """The detection loss L_det = L_cls + L_loc of a batch as training computes it (``detector.loss``)."""

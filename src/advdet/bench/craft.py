@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["craft_dataset", "CraftError"]
 
+
 class _SafeItems(Dataset):
     """Dataset items that never raise ``DatasetError`` (a picklable wrapper for DataLoader workers):
     ``(index, item, None)`` or ``(index, None, (file, problem))``."""
@@ -68,7 +69,6 @@ class _SafeItems(Dataset):
 
 def _collate_list(batch: list) -> list:
     return batch
-
 
 
 def craft_dataset(attack_name: str, model_name: str, data: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -88,7 +88,6 @@ def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike
     return info
 
 
-
 def build_ensemble(model_name: str, weights, pretrained: bool, input_size) -> nn.Module:
     """The ``a+b+c`` surrogate (``advdet.attacks.ensemble.SurrogateEnsemble``) of zoo / torchvision models,
     each with its own zoo weights; one-line errors for unknown members, classifiers, a weights file."""

@@ -13,6 +13,7 @@ import torch
 __all__ = ["init_distributed", "shutdown_distributed", "dist_active", "dist_barrier", "all_sum",
            "deterministic_cudnn"]
 
+
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device | None]:
     """Initialise ``torch.distributed`` from torchrun's environment when ``WORLD_SIZE > 1`` (through
     :func:`advdet.training.distributed.init_distributed`: NCCL on ``cuda:LOCAL_RANK``, gloo on CPU; a

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StaleStepError", "reproduce", "reproduce_command"]
 
+
 class StaleStepError(AdvdetError):
     """A step file exists but was made with other settings; it is kept, the run stops."""
 

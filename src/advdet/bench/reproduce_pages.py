@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from advdet.bench.reproduce_steps import FORMAT, RAD_DEFAULT_SETTING, Step
 
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 

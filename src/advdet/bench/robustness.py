@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["robustness_table", "robustness_steps_sweep"]
 
+
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
     from rich.console import Console

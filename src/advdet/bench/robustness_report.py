@@ -9,6 +9,7 @@ from advdet.bench.robustness_columns import ATTACK_LABELS, attack_label
 
 __all__ = ["table_rows", "sweep_rows", "table_figure", "sweep_figure", "robustness_report"]
 
+
 def _pct(v: float | None) -> float | None:
     return None if v is None else round(100.0 * v, 1)
 

@@ -65,7 +65,6 @@ __all__ = ["transfer_matrix", "ModelUnavailable"]
 ModelUnavailable = UntrainedModelError
 
 
-
 # ------------------------------------------------------------------------------------------------- the benchmark
 def _make_progress(progress: bool):
     if not progress:
@@ -75,7 +74,6 @@ def _make_progress(progress: bool):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), transient=False)
-
 
 
 def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str], data: str, *, ann=None,

@@ -17,9 +17,9 @@ from advdet.data.letterbox import letterbox_params, reletterbox, unletterbox_box
 
 log = logging.getLogger(__name__)
 
+
 def to_hwc(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().cpu().permute(1, 2, 0).numpy())
-
 
 
 def clean_example_rows(ex_store: list[dict], ds, victims: Sequence[str], clean_ref: dict[str, list[dict]],

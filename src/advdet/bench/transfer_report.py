@@ -11,6 +11,7 @@ from advdet.bench.transfer_scores import mean_of
 
 __all__ = ["json_ready", "transfer_table", "transfer_report"]
 
+
 # ------------------------------------------------------------------------------------------------- output
 def json_ready(result: dict) -> dict:
     """The result without its private keys (``_examples``, ``_row_specs``, ``_bootstrap_samples``), ready for

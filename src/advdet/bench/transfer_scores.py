@@ -8,10 +8,10 @@ from typing import Any, Sequence
 from advdet.bench.transfer_rows import RowSpec, ensemble_members
 from advdet.metrics.coco_map import coco_map
 
+
 def mean_of(vals: Sequence[float | None]) -> float | None:
     v = [x for x in vals if x is not None and x >= 0]
     return float(sum(v) / len(v)) if v else None
-
 
 
 def black_box_victims(spec: RowSpec, victims: Sequence[str], det_surrogates: set[str]) -> list[str]:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CocoDetection", "decode_segmentation"]
 
+
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO segmentation (polygons, uncompressed or compressed RLE) to an (H, W) uint8 mask."""
     if isinstance(segm, list):
@@ -34,7 +35,6 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     else:
         rle = segm
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
-
 
 
 class CocoDetection(Dataset):

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ImageRecord", "ParsedCoco", "parse_coco", "is_int", "is_number", "has_segmentation",
            "segmentation_problem"]
 
+
 def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

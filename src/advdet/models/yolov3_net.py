@@ -26,7 +26,6 @@ _STAGE_CHANNELS = (64, 128, 256, 512, 1024)
 _STAGE_BLOCKS = (1, 2, 8, 8, 4)
 
 
-
 class ConvBNLeaky(nn.Module):
     """Darknet ``[convolutional]`` with ``batch_normalize=1``: conv (no bias), BN, LeakyReLU(0.1)."""
 

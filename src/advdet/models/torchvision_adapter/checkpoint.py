@@ -17,6 +17,7 @@ from advdet.models.weights import CheckpointError, unsafe_pickle_error  # the pr
 
 __all__ = ["CheckpointError", "load_state_dict_file"]
 
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")

@@ -7,6 +7,7 @@ import torch
 from advdet.models.detector import DenseOutput, check_finite
 from advdet.models.torchvision_adapter.base import OneStageDetector
 
+
 class FCOSDetector(OneStageDetector):
     """torchvision ``FCOS`` behind the Detector contract.
 

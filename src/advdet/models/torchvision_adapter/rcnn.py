@@ -13,6 +13,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from advdet.models.detector import DenseOutput, NMSConfig, check_finite
 from advdet.models.torchvision_adapter.base import TorchvisionDetector
 
+
 class FasterRCNNDetector(TorchvisionDetector):
     """torchvision ``FasterRCNN`` behind the Detector contract.
 

@@ -7,6 +7,7 @@ import torch
 from advdet.models.detector import DenseOutput
 from advdet.models.torchvision_adapter.base import OneStageDetector
 
+
 class RetinaNetDetector(OneStageDetector):
     """torchvision ``RetinaNet`` behind the Detector contract.
 

@@ -7,6 +7,7 @@ import torch
 from advdet.models.detector import DenseOutput
 from advdet.models.torchvision_adapter.base import OneStageDetector
 
+
 class SSDDetector(OneStageDetector):
     """torchvision ``SSD`` (SSD300-VGG16, SSDlite320-MobileNetV3, or any SSD) behind the Detector contract.
 

@@ -19,6 +19,7 @@ from advdet.models.torchvision_adapter.rcnn import FasterRCNNDetector, MaskRCNND
 from advdet.models.torchvision_adapter.retinanet import RetinaNetDetector
 from advdet.models.torchvision_adapter.ssd import SSDDetector
 
+
 def _scaled(sizes: Sequence[float], input_size: int) -> list[float]:
     return [round(s * input_size / 256.0, 2) for s in sizes]
 

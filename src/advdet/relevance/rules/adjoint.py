@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+
 def _vjp_of_linear(fn: Callable[[torch.Tensor], torch.Tensor], shape, like: torch.Tensor,
                    g: torch.Tensor) -> torch.Tensor:
     """J^T g for a linear ``fn`` (its Jacobian does not depend on the input), no graph kept."""

@@ -12,6 +12,7 @@ from torch import nn
 from advdet.relevance.rules.config import LRPRules
 from advdet.relevance.rules.context import LRPContext, Recorder
 
+
 def lrp_backward(outputs: torch.Tensor | list[torch.Tensor], x: torch.Tensor,
                  init: torch.Tensor | list[torch.Tensor], *, create_graph: bool = False,
                  retain_graph: bool | None = None) -> torch.Tensor:
