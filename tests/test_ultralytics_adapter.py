@@ -305,3 +305,19 @@ def test_zoo_entry_untrained_and_not_on_the_zoo_page(ul):
         from advdet.models.zoo_docs import zoo_markdown
 
         assert "`yolov8`" not in zoo_markdown()
+
+
+@pytest.mark.parametrize("activation", ["gradient", "pass"])
+def test_rad_and_relevance_maps_with_a_yolov8_surrogate(det, activation):
+    """RAD runs on YOLOv8 (SiLU, C2f split/concat, SPPF, nearest upsampling, the DFL softmax and conv) with the
+    reference rules and with smooth activations passed through (relevance/rules/activation.py)."""
+    from advdet.attacks import build_attack
+    from advdet.relevance import LRPRules, NodeSelection, relevance_map
+
+    rules = LRPRules(activation=activation)
+    x, t = images(2, seed=3), targets(2)
+    r = relevance_map(det, x[:1], NodeSelection(), rules=rules)
+    assert r.per_channel.shape == (1, 3, S, S) and torch.isfinite(r.per_channel).all()
+    assert r.per_channel.abs().sum() > 0
+    xa = build_attack("rad", det, steps=1, transforms=[], rules=rules)(x, t)
+    assert (xa - x).abs().max() * 255 <= 16 + 1e-4 and not torch.equal(xa, x)

@@ -39,6 +39,8 @@ Rules (ALGORITHMS.md 2.2, iNNvestigate 1.0.8 ``BoundedDeepTaylor`` as RAD uses i
   adds a signed stabiliser. ``z`` is **not** detached, so the map is exactly differentiable.
   Options for tests and ablations: ``"zero"`` (LRP-0), ``"epsilon"``, ``bias=False``.
 - **Activations** (ReLU, LeakyReLU, SiLU, sigmoid, ...): relevance x local derivative = their gradient.
+  ``activation="pass"`` passes the smooth activations (SiLU, GELU, Mish, Hardswish, ELU, softplus) and the
+  softmax through unchanged instead, as the ReLU gate does (:mod:`.activation`; conserving).
 - **Pooling** (max, avg, adaptive), **residual adds** (relevance copied to each branch, not halved),
   **concatenation, reshape, permute, padding, slicing, RoIAlign**: gradient routing.
 - **Normalisation** (BatchNorm, FrozenBatchNorm, GroupNorm, LayerNorm, InstanceNorm, SSD's L2Norm):

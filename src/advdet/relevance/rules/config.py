@@ -24,6 +24,9 @@ class LRPRules:
         ([0, 1] mapped through the detector's normalisation).
     upsample: ``"average"`` (RAD patch) or ``"gradient"``, for nearest-mode enlarging ``interpolate``.
     norm: ``"pass"`` (normalisation layers pass relevance through unchanged, reference) or ``"gradient"``.
+    activation: smooth activations (SiLU, GELU, Mish, Hardswish, ELU, softplus, softmax): ``"gradient"``
+        (relevance x local derivative, reference) or ``"pass"`` (relevance passed through unchanged, as the
+        ReLU gate does; conserving: :mod:`.activation`).
     passthrough_modules: extra module types whose output relevance is passed to their (single) input
         unchanged (norm-like modules written as plain arithmetic).
     """
@@ -35,6 +38,7 @@ class LRPRules:
     bounds: Literal["minmax", "pixel"] = "minmax"
     upsample: Literal["average", "gradient"] = "average"
     norm: Literal["pass", "gradient"] = "pass"
+    activation: Literal["gradient", "pass"] = "gradient"
     passthrough_modules: tuple[type, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -48,5 +52,7 @@ class LRPRules:
             raise ValueError(f"upsample must be 'average' or 'gradient', got {self.upsample!r}")
         if self.norm not in ("pass", "gradient"):
             raise ValueError(f"norm must be 'pass' or 'gradient', got {self.norm!r}")
+        if self.activation not in ("gradient", "pass"):
+            raise ValueError(f"activation must be 'gradient' or 'pass', got {self.activation!r}")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")

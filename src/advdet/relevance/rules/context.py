@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from advdet.relevance.rules.activation import PASS_ACTIVATIONS, pass_activation
 from advdet.relevance.rules.config import LRPRules
 from advdet.relevance.rules.norm import NORM_FUNCS, PassThrough, default_passthrough_modules, pass_norm
 from advdet.relevance.rules.resample import ROI_FUNCS, interpolate, route_roi
@@ -30,6 +31,7 @@ class LRPStats:
     by_func: dict = field(default_factory=dict)
     weight_ids: set = field(default_factory=set, repr=False)  # id() of every weight tensor met
     norms: int = 0
+    activations: int = 0  # smooth activations passed through (``activation="pass"``)
     upsamples: int = 0
     routed: int = 0
 
@@ -67,6 +69,8 @@ class _LRPMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in CONV_FUNCS:
             return weighted(o, func, args, kwargs, true_inp)
+        if func in PASS_ACTIVATIONS and o.rules.activation == "pass":
+            return pass_activation(o, func, args, kwargs)
         if func in SMOOTH_FUNCS or (func in NORM_FUNCS and o.rules.norm == "gradient"):
             return shadow(o, func, args, kwargs, true_inp)
         if func in NORM_FUNCS and o.rules.norm == "pass":
