@@ -155,13 +155,15 @@ def _register_defaults() -> None:
     _register_extras(k)
 
 
-#: recipe of the zoo's YOLOv8n (advdet[ultralytics]) at 256 px: AdamW as ultralytics' optimizer="auto" picks
-#: for short runs, batch 8; ultralytics' loss gains (box 7.5, cls 0.5, dfl 1.5). Trained from scratch (no
-#: pretrained YOLOv8 backbone entry yet).
+#: recipe of the zoo's YOLOv8n (advdet[ultralytics]) at 256 px: AdamW at 2e-3, batch 8, the zoo's loop (ultralytics'
+#: own optimizer="auto" takes AdamW for short runs, SGD at 0.01 past 10,000 iterations); ultralytics' loss gains
+#: (box 7.5, cls 0.5, dfl 1.5). From scratch (no pretrained YOLOv8 backbone entry yet): 40 epochs, a guess
+#: until a run confirms it reaches the zoo bar (0.39 s CPU per update on one thread: ~2.2 h).
 YOLOV8_RECIPE = dict(epochs=40, batch_size=8, lr=2e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=500,
                      checkpoint_every=200, log_every=50)
 #: recipe of the zoo's RT-DETR (advdet[hf], a small config on the ResNet-18-style body) at 256 px: AdamW with
-#: RT-DETR's lr 1e-4 and weight decay 1e-4, gradient clipping 0.1 as in its paper; batch 8
+#: RT-DETR's lr 1e-4 and weight decay 1e-4, gradient clipping 0.1 as its reference configs; batch 8; 40 epochs
+#: from scratch, a guess (0.90 s CPU per update on one thread: ~5 h)
 RTDETR_RECIPE = dict(epochs=40, batch_size=8, lr=1e-4, optimizer="adamw", weight_decay=1e-4, warmup_iters=500,
                      grad_clip=0.1, checkpoint_every=200, log_every=50)
 
@@ -181,8 +183,8 @@ def _register_extras(k: int) -> None:
         register(ZooEntry(
             "rtdetr", "rtdetr",
             lambda: hf_rtdetr.rtdetr_detector("rtdetr_tiny", num_classes=k, input_size=ZOO_INPUT_SIZE),
-            "small RT-DETR (Hugging Face transformers, rtdetr_tiny: ResNet-18-style body at half width, 128-d, 3 decoder layers, 100 queries); "
-            "needs advdet[hf]", recipe=dict(RTDETR_RECIPE), extra="hf"))
+            "small RT-DETR (Hugging Face transformers, rtdetr_tiny: ResNet-18-style body at half width, 128-d, "
+            "3 decoder layers, 100 queries); needs advdet[hf]", recipe=dict(RTDETR_RECIPE), extra="hf"))
 
 
 #: the procedural pretraining set of the backbone entries (advdet.data.procedural): 256 IFS classes, 320
