@@ -84,6 +84,7 @@ def test_import_is_offline_and_keeps_settings_and_torch_save(ul):
     assert os.environ["YOLO_OFFLINE"] == "1" and uu.ONLINE is False
     assert Path(uu.SETTINGS.file).resolve().is_relative_to(advdet_home().resolve())
     assert torch.save is torch.serialization.save  # ultralytics' replacement is undone
+    assert torch._tensor_str.PRINT_OPTS.precision == 4 and torch._tensor_str.PRINT_OPTS.linewidth == 80
 
 
 def test_dense_contract_and_gradients_reach_pixels(det):
