@@ -28,7 +28,6 @@ summary tables and the goals with their measured values.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -46,9 +45,6 @@ PGD_KWARGS = {"step": 2.0, "steps": 10, "update": "sign"}
 def _transfer(**kw) -> dict:
     from advdet.bench.transfer import transfer_matrix
 
-    params = inspect.signature(transfer_matrix).parameters
-    if "n_boot" in params:
-        kw.setdefault("n_boot", 0)  # intervals are not needed for the regime; they cost minutes
     return transfer_matrix(**kw)
 
 
@@ -63,9 +59,35 @@ def _mean(vals) -> float | None:
     return sum(v) / len(v) if v else None
 
 
+def drop_interval(result: dict, row: int, victims: list[str], level: float = 0.95) -> dict | None:
+    """Percentile bootstrap interval of the mean relative drop ``mean_v (1 - adv_v / clean_v)`` of ``row``
+    over ``victims``: each resample of the images (``transfer_matrix``'s ``_bootstrap_samples``, the same
+    resamples for every cell) gives the clean row's (row 0) and ``row``'s mAP50 per victim, so the ratio is
+    paired. None without samples."""
+    import numpy as np
+
+    from advdet.metrics.bootstrap import percentile_interval
+
+    cells = (result.get("_bootstrap_samples") or {}).get("cells")
+    if not cells or not victims:
+        return None
+    drops = []
+    for v in victims:
+        clean = np.asarray(cells[(0, v)], dtype=np.float64)
+        adv = np.asarray(cells[(row, v)], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            drops.append(np.where(clean > 0, 1.0 - adv / clean, np.nan))
+    stack = np.vstack(drops)
+    n = (~np.isnan(stack)).sum(axis=0)
+    mean = np.where(n > 0, np.nansum(stack, axis=0) / np.maximum(n, 1), np.nan)
+    lo, hi = percentile_interval(mean, level)
+    return {"lo": None if lo is None or np.isnan(lo) else float(lo),
+            "hi": None if hi is None or np.isnan(hi) else float(hi)}
+
+
 def run(models: list[str], surrogates: list[str], attacks: list[str], *, images: int, eps: float,
         ensembles: bool, batch_size: int, seed: int, weights: dict[str, str], device: str | None,
-        data: str = "shapes-val", pgd_steps: int = 10) -> dict:
+        data: str = "shapes-val", pgd_steps: int = 10, n_boot: int = 1000) -> dict:
     from advdet.attacks.ensemble import SurrogateEnsemble
     from advdet.bench.loading import load_model
 
@@ -74,7 +96,8 @@ def run(models: list[str], surrogates: list[str], attacks: list[str], *, images:
     given = {m: lm.model for m, lm in loaded.items()}
     pgd = dict(PGD_KWARGS, steps=pgd_steps)
     common = dict(victims=list(models), data=data, limit=images, eps=eps, batch_size=batch_size, seed=seed,
-                  device=device, progress=False, examples=0, relevance=False, models=given)
+                  device=device, progress=False, examples=0, relevance=False, models=given, n_boot=n_boot,
+                  boot_seed=0)
     logging.info("single surrogates: %s x %s on %d images", surrogates, attacks, images)
     single = _transfer(surrogates=list(surrogates), attacks=["gaussian", *attacks],
                        attack_kwargs={"pgd": dict(pgd)}, **common)
@@ -99,37 +122,40 @@ def summarise(res: dict, models: list[str], reference: str) -> dict:
         return {v: r["metrics"][v]["map50"] for v in models}
 
     table = []  # one line per row: label, attack, surrogate, mAP50 per victim, drop per victim, black-box mean drop
-    for r in rows:
+    for ri, r in enumerate(rows):
         m = row_map50(r)
         drops = {v: _drop(clean[v], m[v]) for v in models}
         black = [v for v in models if v != r["surrogate"]]
         table.append({"label": r["label"], "attack": r["attack"] or "none", "surrogate": r["surrogate"], "map50": m,
                       "drop": drops, "black_box_drop": _mean(drops[v] for v in black),
-                      "seconds": r.get("seconds")})
+                      "black_box_drop_ci": drop_interval(single, ri, black), "seconds": r.get("seconds")})
     ablation = next(t for t in table if t["attack"] == "gaussian")
     ref_black = [v for v in models if v != reference]
     ablation_ref = _mean(ablation["drop"][v] for v in ref_black)
-    goals: dict = {"ablation_black_box_drop": {"measured": ablation_ref, "goal": "0.10-0.20",
+    ablation_ci = drop_interval(single, table.index(ablation), ref_black)
+    goals: dict = {"ablation_black_box_drop": {"measured": ablation_ref, "interval": ablation_ci, "goal": "0.10-0.20",
                                                "met": ablation_ref is not None and 0.10 <= ablation_ref <= 0.20}}
     outputs = {}
     for t in table:
         if t["surrogate"] == reference and t["attack"] not in ("gaussian", "none"):
             d = t["black_box_drop"]
-            outputs[t["attack"]] = {"measured": d, "goal": "0.20-0.40 and >= 2 x ablation",
+            outputs[t["attack"]] = {"measured": d, "interval": t["black_box_drop_ci"],
+                                    "goal": "0.20-0.40 and >= 2 x ablation",
                                     "met": d is not None and ablation_ref is not None and 0.20 <= d <= 0.40
                                     and d >= 2 * ablation_ref}
     goals[f"output_attacks_from_{reference}"] = outputs
     loo = {}
     if res.get("ensembles"):
-        for r in res["ensembles"]["rows"]:
+        for ri, r in enumerate(res["ensembles"]["rows"]):
             if r["attack"] != "ens-pgd":
                 continue
             held = r["surrogate"].removeprefix("loo-")
             d = _drop(clean[held], r["metrics"][held]["map50"])
+            ci = drop_interval(res["ensembles"], ri, [held])
             table.append({"label": f"ens-pgd (all but {held})", "attack": "ens-pgd", "surrogate": r["surrogate"],
                           "map50": row_map50(r), "drop": {v: _drop(clean[v], row_map50(r)[v]) for v in models},
-                          "black_box_drop": d, "seconds": r.get("seconds")})
-            loo[held] = {"measured": d, "goal": ">= 0.40", "met": d is not None and d >= 0.40}
+                          "black_box_drop": d, "black_box_drop_ci": ci, "seconds": r.get("seconds")})
+            loo[held] = {"measured": d, "interval": ci, "goal": ">= 0.40", "met": d is not None and d >= 0.40}
         goals["leave_one_out_held_out_drop"] = loo
     return {"clean_map50": clean, "rows": table, "goals": goals}
 
@@ -144,10 +170,15 @@ def markdown(summary: dict, models: list[str]) -> str:
         if t["attack"] == "none":
             continue
         cells = [pct(t["map50"][v]) + ("*" if v == t["surrogate"] else "") for v in models]
-        lines.append(f"| {t['label']} | " + " | ".join(cells) + f" | {pct(t['black_box_drop'])} |")
+        ci = t.get("black_box_drop_ci")
+        bb = pct(t["black_box_drop"])
+        if ci and ci.get("lo") is not None:
+            bb += f" [{pct(ci['lo'])}, {pct(ci['hi'])}]"
+        lines.append(f"| {t['label']} | " + " | ".join(cells) + f" | {bb} |")
     lines.append("")
     lines.append("mAP50 x100; * white-box (the row's surrogate); black-box drop: mean of 1 - adv/clean over the "
-                 "victims other than the surrogate (ensembles: the held-out model)")
+                 "victims other than the surrogate (ensembles: the held-out model), with its 95 % percentile "
+                 "bootstrap interval over the images (paired with the clean row on each resample)")
     return "\n".join(lines)
 
 
@@ -162,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="shapes-val", help="shapes-val or a COCO-format folder")
     ap.add_argument("--pgd-steps", type=int, default=10, help="steps of pgd and ens-pgd (step 2)")
     ap.add_argument("--eps", type=float, default=16.0)
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the images (0: no intervals)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", default="yolov3", help="the surrogate of the goals' output attacks")
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = dict(w.split("=", 1) for w in args.weights)
     res = run(models, surrogates, attacks, images=args.images, eps=args.eps, ensembles=not args.no_ensembles,
               batch_size=args.batch_size, seed=args.seed, weights=weights, device=args.device, data=args.data,
-              pgd_steps=args.pgd_steps)
+              pgd_steps=args.pgd_steps, n_boot=args.n_boot)
     summary = summarise(res, models, args.reference)
     table = markdown(summary, models)
     print(table)
@@ -194,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"models": models, "surrogates": surrogates, "attacks": attacks, "images": args.images,
                             "data": args.data, "eps": args.eps, "seed": args.seed,
                             "pgd": dict(PGD_KWARGS, steps=args.pgd_steps), "ensembles": not args.no_ensembles,
-                            "reference": args.reference, "threads": torch.get_num_threads()},
+                            "reference": args.reference, "n_boot": args.n_boot,
+                            "threads": torch.get_num_threads()},
                "weights_sha256": res["sha256"], "seconds": res["seconds"], **summary,
                "raw": {"single": json_ready(res["single"]),
                        "ensembles": json_ready(res["ensembles"]) if res["ensembles"] else None}}

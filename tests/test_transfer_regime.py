@@ -23,7 +23,7 @@ def test_transfer_regime_rows_drops_and_goals(tmp_path):
     out = tmp_path / "regime.json"
     rc = mod.main(["--models", "yolov3,ssd_vgg,fcos", "--surrogates", "yolov3", "--attacks", "pgd", "--images", "2",
                    "--data", str(tmp_path / "shp" / "val"), "--pgd-steps", "2", "--batch-size", "2",
-                   "--out", str(out)])
+                   "--n-boot", "50", "--out", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     labels = [r["label"] for r in doc["rows"]]
@@ -40,3 +40,28 @@ def test_transfer_regime_rows_drops_and_goals(tmp_path):
     assert doc["settings"]["pgd"] == {"step": 2.0, "steps": 2, "update": "sign"}
     assert all(len(h) == 64 for h in doc["weights_sha256"].values())
     assert "| clean mAP50 |" in out.with_suffix(".md").read_text()
+    assert doc["settings"]["n_boot"] == 50
+    for r in doc["rows"][1:]:
+        ci = r["black_box_drop_ci"]
+        assert ci is not None and set(ci) == {"lo", "hi"}
+        if ci["lo"] is not None:
+            assert ci["lo"] <= ci["hi"]
+    assert "interval" in goals["ablation_black_box_drop"]
+
+
+def test_drop_interval_pairs_each_resample_with_the_clean_row():
+    import numpy as np
+
+    mod = _module()
+    # one victim, three resamples: clean 0.8 / 0.5 / 1.0, adversarial 0.4 / 0.5 / 0.0 -> drops 0.5, 0, 1
+    cells = {(0, "a"): np.array([0.8, 0.5, 1.0]), (1, "a"): np.array([0.4, 0.5, 0.0])}
+    ci = mod.drop_interval({"_bootstrap_samples": {"cells": cells}}, 1, ["a"])
+    # numpy's linear quantiles of [0, 0.5, 1] at 2.5 % and 97.5 %: 0.025 and 0.975
+    assert abs(ci["lo"] - 0.025) < 1e-12 and abs(ci["hi"] - 0.975) < 1e-12
+    # a second victim whose clean mAP is 0 on the first resample is left out there: mean drops are
+    # 0.5 (a alone), (0 + 0.5) / 2 = 0.25, (1 + 0) / 2 = 0.5
+    cells.update({(0, "b"): np.array([0.0, 0.4, 0.2]), (1, "b"): np.array([0.1, 0.2, 0.2])})
+    ci = mod.drop_interval({"_bootstrap_samples": {"cells": cells}}, 1, ["a", "b"])
+    lo, hi = np.quantile([0.5, 0.25, 0.5], [0.025, 0.975])
+    assert abs(ci["lo"] - lo) < 1e-12 and abs(ci["hi"] - hi) < 1e-12
+    assert mod.drop_interval({"_bootstrap_samples": None}, 1, ["a"]) is None
