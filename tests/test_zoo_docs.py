@@ -92,10 +92,12 @@ def test_render_is_pure_and_flags_what_disagrees():
     assert "`x_pre`" in page and ZOO_DOCS_COMMAND in page.splitlines()[2]
 
 
-def test_cards_are_read_in_registry_order_then_by_name(tmp_path):
-    for n in ("b", "a", "z"):
-        (tmp_path / f"{n}.json").write_text(json.dumps({"name": n}))
-    assert [c["name"] for c in read_zoo_cards(tmp_path, order=["z", "q"])] == ["z", "a", "b"]
+def test_cards_are_ordered_from_the_cards_alone(tmp_path):
+    cards = {"b": {"kind": "detector"}, "a": {"kind": "detector", "init": "b"}, "z": {"kind": "backbone"},
+             "c": {"kind": "classifier"}, "d": {}}
+    for n, c in cards.items():
+        (tmp_path / f"{n}.json").write_text(json.dumps(c))  # "name" missing: the file's stem
+    assert [c["name"] for c in read_zoo_cards(tmp_path)] == ["z", "c", "b", "d", "a"]
 
 
 def test_cli_writes_the_page_and_check_detects_a_stale_one(tmp_path):

@@ -143,29 +143,37 @@ def render_zoo_markdown(cards: Sequence[Mapping], sha256: Mapping[str, str], *,
     return "\n".join(out) + "\n"
 
 
-def read_zoo_cards(zoo_dir: str | os.PathLike, order: Sequence[str] = ()) -> list[dict]:
-    """The cards (``*.json``) of ``zoo_dir``: first those named in ``order``, in that order, then the rest
-    by name."""
-    cards = {p.stem: json.loads(p.read_text()) for p in Path(zoo_dir).glob("*.json")}
-    names = [n for n in order if n in cards] + sorted(n for n in cards if n not in order)
-    return [dict(cards[n], name=cards[n].get("name", n)) for n in names]
+def card_order(card: Mapping) -> tuple:
+    """Where an entry sits on the page, from its card alone (the same page in every environment): the
+    pretrained backbones, the classifier, the detectors, then the models fine-tuned from a zoo model."""
+    kind = {"backbone": 0, "classifier": 1}.get(card.get("kind", "detector"), 2)
+    return kind, 1 if card.get("init") else 0, card["name"]
+
+
+def read_zoo_cards(zoo_dir: str | os.PathLike) -> list[dict]:
+    """The cards (``*.json``) of ``zoo_dir``, in :func:`card_order`."""
+    cards = []
+    for p in sorted(Path(zoo_dir).glob("*.json")):
+        card = json.loads(p.read_text())
+        card.setdefault("name", p.stem)
+        cards.append(card)
+    return sorted(cards, key=card_order)
 
 
 def zoo_markdown(zoo_dir: str | os.PathLike | None = None) -> str:
-    """The page for the zoo in ``zoo_dir`` (default: the package's ``zoo_weights``), entries in registry
-    order, each weight file hashed from disk."""
+    """The page for the zoo in ``zoo_dir`` (default: the package's ``zoo_weights``), each weight file
+    hashed from disk. Registered entries without weights are listed, except those behind an optional
+    extra (they exist only where the extra is installed, and the page must not depend on that)."""
     from advdet.models.zoo import ZOO_DIR, zoo_entries
 
-    # entries of optional extras (yolov8, rtdetr) are listed once shipped, so the page does not depend on
-    # which extras the machine that writes it has installed
-    registered = [e.name for e in zoo_entries() if e.extra is None or e.trained]
     folder = Path(zoo_dir) if zoo_dir is not None else ZOO_DIR
-    cards = read_zoo_cards(folder, order=registered)
+    cards = read_zoo_cards(folder)
     sha = {}
     for c in cards:
         f = folder / c.get("file", f"{c['name']}.safetensors")
         if f.is_file():
             sha[c["name"]] = sha256_file(f)
     shipped = {c["name"] for c in cards}
+    not_trained = [e.name for e in zoo_entries() if e.name not in shipped and getattr(e, "extra", None) is None]
     source = "src/advdet/zoo_weights/*.json" if zoo_dir is None else f"{zoo_dir}/*.json"
-    return render_zoo_markdown(cards, sha, not_trained=[n for n in registered if n not in shipped], source=source)
+    return render_zoo_markdown(cards, sha, not_trained=not_trained, source=source)
