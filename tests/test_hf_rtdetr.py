@@ -187,15 +187,37 @@ def test_advdet_safetensors_round_trip(hf, det, tmp_path):
         torch.testing.assert_close(back.dense(x).boxes, det.dense(x).boxes)
 
 
+def test_tiny_resnet_body_variant(hf):
+    """rtdetr_resnet_pre: HF's RT-DETR on advdet's TinyResNet (the body resnet_pre pretrains)."""
+    from advdet.models.tiny_backbone import TinyResNet
+
+    torch.manual_seed(3)
+    d = hf.rtdetr_detector("rtdetr_resnet_pre", num_classes=K, input_size=S)
+    assert isinstance(d.model.model.backbone.model.body, TinyResNet)
+    assert list(d.feature_layers()) == [f"model.model.backbone.model.body.layer{i}" for i in (2, 3, 4)]
+    x = images(1).requires_grad_(True)
+    feats = d.features(x)
+    assert [f.shape[1] for f in feats.values()] == [32, 64, 128]
+    losses = d.loss(x, targets(1))
+    (g,) = torch.autograd.grad(sum(losses.values()), x)
+    assert g.abs().sum() > 0 and len(d.predict(x.detach())) == 1
+
+
 def test_zoo_entry_untrained_and_not_on_the_zoo_page(hf):
     from advdet.data.shapes import SHAPE_CLASSES
     from advdet.models.weights import CheckpointError
     from advdet.models.zoo import ZOO_INPUT_SIZE, build_model, zoo_entry
 
     e = zoo_entry("rtdetr")
-    assert (e.family, e.extra, e.kind) == ("rtdetr", "hf", "detector")
+    assert (e.family, e.extra, e.kind, e.backbone_init) == ("rtdetr", "hf", "detector", "resnet_pre")
     m = e.builder()
     assert m.input_size == ZOO_INPUT_SIZE and m.num_classes == len(SHAPE_CLASSES)
+    pre = zoo_entry("resnet_pre")
+    if pre.trained:  # the body starts from resnet_pre's, as the torchvision families' bodies do
+        from advdet.training.zoo_train import load_backbone_init
+
+        keys = load_backbone_init(m, e)
+        assert len(keys) > 30 and all(k.startswith("model.model.backbone.model.body.") for k in keys)
     if not e.trained:
         with pytest.raises(CheckpointError, match="no shipped weights yet"):
             build_model("rtdetr")

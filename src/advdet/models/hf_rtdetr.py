@@ -6,9 +6,11 @@ transformers (Apache-2.0) is imported only when a model is built; without it the
 Models, nothing downloaded:
 
 - a named config (:data:`RTDETR_CONFIGS`): ``rtdetr_r18`` (the published RT-DETR-R18 layout: ResNet-18-style
-  body, 256-d hybrid encoder, 3 decoder layers, 300 queries) and ``rtdetr_tiny`` (the zoo's: half the body
-  width, 128-d, 100 queries), built as ``RTDetrForObjectDetection(RTDetrConfig(...))``: the ResNet body comes
-  from its config (``load_backbone`` builds it randomly initialised; no timm, no hub);
+  body, 256-d hybrid encoder, 3 decoder layers, 300 queries), ``rtdetr_tiny`` (half the body width, 128-d,
+  100 queries) and ``rtdetr_resnet_pre`` (the zoo's: the same 128-d head on advdet's TinyResNet body, the
+  body ``resnet_pre`` pretrains for the torchvision families), built as
+  ``RTDetrForObjectDetection(RTDetrConfig(...))``: the ResNet body comes from its config (``load_backbone``
+  builds it randomly initialised; no timm, no hub);
 - a local folder written by ``save_pretrained`` (``config.json`` + ``model.safetensors``), read with
   ``from_pretrained(path, local_files_only=True, use_safetensors=True)``: no pickle, no hub;
 - an advdet ``.safetensors`` (``weights=``) over a named config.
@@ -61,7 +63,14 @@ def import_transformers():
     return transformers
 
 
-#: named configs (``RTDetrConfig`` fields; ``backbone`` holds the ``RTDetrResNetConfig`` fields)
+#: the zoo's RT-DETR head (encoder and decoder) sizes, shared by ``rtdetr_tiny`` and ``rtdetr_resnet_pre``
+_TINY_HEAD = dict(encoder_hidden_dim=128, encoder_ffn_dim=512, hidden_expansion=0.5, encoder_attention_heads=4,
+                  d_model=128, decoder_in_channels=[128, 128, 128], decoder_ffn_dim=512, decoder_attention_heads=4,
+                  decoder_layers=3, num_queries=100, num_denoising=50, freeze_backbone_batch_norms=False)
+
+#: named configs (``RTDetrConfig`` fields; ``backbone`` holds the ``RTDetrResNetConfig`` fields; ``body="tiny_resnet"``
+#: replaces HF's ResNet by advdet's :class:`~advdet.models.tiny_backbone.TinyResNet`, the body of the zoo's
+#: torchvision families that ``resnet_pre`` pretrains)
 RTDETR_CONFIGS: dict[str, dict] = {
     "rtdetr_r18": dict(
         backbone=dict(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
@@ -72,11 +81,37 @@ RTDETR_CONFIGS: dict[str, dict] = {
     "rtdetr_tiny": dict(
         backbone=dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2],
                       downsample_in_bottleneck=True, out_features=["stage2", "stage3", "stage4"]),
-        encoder_in_channels=[64, 128, 256], encoder_hidden_dim=128, encoder_ffn_dim=512, hidden_expansion=0.5,
-        encoder_attention_heads=4, d_model=128, decoder_in_channels=[128, 128, 128], decoder_ffn_dim=512,
-        decoder_attention_heads=4, decoder_layers=3, num_queries=100, num_denoising=50,
-        freeze_backbone_batch_norms=False),
+        encoder_in_channels=[64, 128, 256], **_TINY_HEAD),
+    "rtdetr_resnet_pre": dict(
+        backbone=dict(layer_type="basic", embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                      out_features=["stage2", "stage3", "stage4"]),
+        body="tiny_resnet", encoder_in_channels=[32, 64, 128], **_TINY_HEAD),
 }
+
+
+class TinyResNetBody(nn.Module):
+    """advdet's :class:`~advdet.models.tiny_backbone.TinyResNet` (widths 16-128, one block per stage) as the
+    backbone of an HF RT-DETR: ``forward(pixel_values)`` normalises with the ImageNet mean / std (as the
+    torchvision families and ``resnet_pre``'s pretraining do) and returns an object whose ``feature_maps``
+    are ``layer2`` .. ``layer4`` (strides 8, 16, 32; 32, 64, 128 channels); ``channels`` lists them. The
+    body sits under ``body.``, so ``resnet_pre``'s ``body.`` tensors load into it."""
+
+    def __init__(self):
+        super().__init__()
+        from advdet.models.pretrained_backbone import IMAGENET_MEAN, IMAGENET_STD
+        from advdet.models.tiny_backbone import TinyResNet
+
+        self.body = TinyResNet()
+        self.channels = list(self.body.widths[1:])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        b = self.body
+        x = b.layer1(b.stem((pixel_values - self.mean) / self.std))
+        c3 = b.layer2(x)
+        c4 = b.layer3(c3)
+        return SimpleNamespace(feature_maps=(c3, c4, b.layer4(c4)))
 
 
 def rtdetr_config(name: str, num_classes: int, input_size: int):
@@ -88,6 +123,7 @@ def rtdetr_config(name: str, num_classes: int, input_size: int):
     from transformers import RTDetrConfig, RTDetrResNetConfig
 
     kw = dict(RTDETR_CONFIGS[name])
+    kw.pop("body", None)
     backbone = RTDetrResNetConfig(**kw.pop("backbone"))
     return RTDetrConfig(backbone_config=backbone, num_labels=num_classes, eval_size=None,
                         id2label={i: str(i) for i in range(num_classes)},
@@ -180,7 +216,10 @@ class RTDetrDetector(Detector):
 
     def feature_layers(self) -> dict[str, nn.Module]:
         """The three ResNet stages the hybrid encoder reads (strides 8, 16, 32)."""
-        enc = self.model.model.backbone.model.encoder
+        bb = self.model.model.backbone.model
+        if isinstance(bb, TinyResNetBody):
+            return {f"model.model.backbone.model.body.layer{i}": getattr(bb.body, f"layer{i}") for i in (2, 3, 4)}
+        enc = bb.encoder
         n = len(enc.stages)
         return {f"model.model.backbone.model.encoder.stages.{i}": enc.stages[i] for i in range(n - 3, n)}
 
@@ -259,6 +298,13 @@ def rtdetr_detector(spec: str | os.PathLike = "rtdetr_tiny", *, num_classes: int
     path = Path(spec)
     if str(spec) in RTDETR_CONFIGS:
         model = RTDetrForObjectDetection(rtdetr_config(str(spec), num_classes or 80, input_size))
+        if RTDETR_CONFIGS[str(spec)].get("body") == "tiny_resnet":
+            conv_encoder = model.model.backbone
+            body = TinyResNetBody()
+            if list(conv_encoder.intermediate_channel_sizes) != body.channels:  # the projections were built for these
+                raise RuntimeError(f"{spec}: HF backbone channels {conv_encoder.intermediate_channel_sizes} "
+                                   f"differ from TinyResNet's {body.channels}")
+            conv_encoder.model = body
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: no config.json (expected a save_pretrained folder)")

@@ -161,11 +161,12 @@ def _register_defaults() -> None:
 #: until a run confirms it reaches the zoo bar (0.39 s CPU per update on one thread: ~2.2 h).
 YOLOV8_RECIPE = dict(epochs=40, batch_size=8, lr=2e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=500,
                      checkpoint_every=200, log_every=50)
-#: recipe of the zoo's RT-DETR (advdet[hf], a small config on the ResNet-18-style body) at 256 px: AdamW with
-#: RT-DETR's lr 1e-4 and weight decay 1e-4, gradient clipping 0.1 as its reference configs; batch 8; 40 epochs
+#: recipe of the zoo's RT-DETR (advdet[hf], rtdetr_resnet_pre: starts from resnet_pre's body) at 256 px: AdamW with
+#: RT-DETR's lr 1e-4 (its pretrained backbone at a tenth) and weight decay 1e-4, gradient clipping 0.1 as its
+#: reference configs; batch 8; 40 epochs
 #: from scratch, a guess (0.90 s CPU per update on one thread: ~5 h)
 RTDETR_RECIPE = dict(epochs=40, batch_size=8, lr=1e-4, optimizer="adamw", weight_decay=1e-4, warmup_iters=500,
-                     grad_clip=0.1, checkpoint_every=200, log_every=50)
+                     grad_clip=0.1, lr_mults={"model.model.backbone.": 0.1}, checkpoint_every=200, log_every=50)
 
 
 def _register_extras(k: int) -> None:
@@ -182,9 +183,11 @@ def _register_extras(k: int) -> None:
     if hf_rtdetr.available():
         register(ZooEntry(
             "rtdetr", "rtdetr",
-            lambda: hf_rtdetr.rtdetr_detector("rtdetr_tiny", num_classes=k, input_size=ZOO_INPUT_SIZE),
-            "small RT-DETR (Hugging Face transformers, rtdetr_tiny: ResNet-18-style body at half width, 128-d, "
-            "3 decoder layers, 100 queries); needs advdet[hf]", recipe=dict(RTDETR_RECIPE), extra="hf"))
+            lambda: hf_rtdetr.rtdetr_detector("rtdetr_resnet_pre", num_classes=k, input_size=ZOO_INPUT_SIZE),
+            "small RT-DETR (Hugging Face transformers: 128-d hybrid encoder, 3 decoder layers, 100 queries) on the "
+            "tiny ResNet body that resnet_pre pretrains, as the torchvision families; needs advdet[hf]",
+            recipe=dict(RTDETR_RECIPE), extra="hf", backbone_init="resnet_pre",
+            backbone_keys={"model.model.backbone.model.body.": "body."}))
 
 
 #: the procedural pretraining set of the backbone entries (advdet.data.procedural): 256 IFS classes, 320
