@@ -81,7 +81,7 @@ app = typer.Typer(cls=_AdvdetGroup, help="advdet: adversarial robustness of obje
                   no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Datasets: generate the synthetic shapes benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-zoo_app = typer.Typer(help="The model zoo: list and reproduce the shipped models.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The model zoo: list, train, document and compact the shipped models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 bench_app = typer.Typer(help="Benchmarks: transfer tables (RAD) and robustness tables (RobustDet).",
                         no_args_is_help=True)
