@@ -163,8 +163,7 @@ YOLOV8_RECIPE = dict(epochs=40, batch_size=8, lr=2e-3, optimizer="adamw", weight
                      checkpoint_every=200, log_every=50)
 #: recipe of the zoo's RT-DETR (advdet[hf], rtdetr_resnet_pre: starts from resnet_pre's body) at 256 px: AdamW with
 #: RT-DETR's lr 1e-4 (its pretrained backbone at a tenth) and weight decay 1e-4, gradient clipping 0.1 as its
-#: reference configs; batch 8; 40 epochs
-#: from scratch, a guess (0.90 s CPU per update on one thread: ~5 h)
+#: reference configs; batch 8; 40 epochs, a guess (0.67 s CPU per update on one thread: ~3.7 h)
 RTDETR_RECIPE = dict(epochs=40, batch_size=8, lr=1e-4, optimizer="adamw", weight_decay=1e-4, warmup_iters=500,
                      grad_clip=0.1, lr_mults={"model.model.backbone.": 0.1}, checkpoint_every=200, log_every=50)
 
