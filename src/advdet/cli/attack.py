@@ -74,7 +74,8 @@ def print_evaluation(evaluation: dict, title: str) -> None:
 def attack_cmd(
         attack: Optional[str] = typer.Option(None, "--attack", help="Attack name (see --list)."),
         model: Optional[str] = typer.Option(None, "--model", "--surrogate",
-                                            help="Surrogate: zoo name or torchvision:BUILDER (default for "
+                                            help="Surrogate: zoo name, torchvision:BUILDER, darknet:yolov3, "
+                                            "ultralytics:YAML|FILE.pt or hf:CONFIG|DIR (default for "
                                             "classifier attacks: classifier); a+b+c is one ensemble that "
                                             "averages the attack over its members (--set weights=loss|"
                                             "equal|[w,...], --set normalize=true)."),
@@ -96,8 +97,8 @@ def attack_cmd(
                                     "--no-labels: with the surrogate's clean predictions."),
         evaluate: bool = typer.Option(False, help="Also report the surrogate's clean vs adversarial mAP."),
         workers: int = typer.Option(0, help="DataLoader workers decoding images."),
-        size: Optional[int] = typer.Option(None, help="Letterbox size of a torchvision:BUILDER surrogate "
-                                           "(default: the builder's own)."),
+        size: Optional[int] = typer.Option(None, help="Letterbox size of an external (torchvision:, ultralytics:, "
+                                           "hf:) surrogate (default: the builder's own)."),
         list_: bool = typer.Option(False, "--list", help="List the registered attacks and exit."),
         untrained: bool = typer.Option(False, hidden=True, help="Untrained surrogate (tests)."),
 ) -> None:

@@ -16,7 +16,8 @@ from advdet.cli.app import app, console, print_data_report, resolve_device
 
 
 @app.command("eval")
-def eval_cmd(model: str = typer.Option(..., help="Zoo name or torchvision:BUILDER."),
+def eval_cmd(model: str = typer.Option(..., help="Zoo name, torchvision:BUILDER, darknet:yolov3, "
+                                       "ultralytics:YAML|FILE.pt or hf:CONFIG|DIR."),
              weights: Optional[Path] = typer.Option(None, help="Weights file (default: the zoo's)."),
              data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder."),
              ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),

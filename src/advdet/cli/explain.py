@@ -18,7 +18,8 @@ def _fail(msg: str) -> None:
 
 @app.command("explain")
 def explain_cmd(
-        model: str = typer.Option(..., help="Zoo name or torchvision:BUILDER."),
+        model: str = typer.Option(..., help="Zoo name, torchvision:BUILDER, ultralytics:YAML|FILE.pt or "
+                                  "hf:CONFIG|DIR."),
         image: Path = typer.Option(..., help="Image file (any format PIL reads; converted to RGB)."),
         out: Path = typer.Option(..., help="Output PNG."),
         weights: Optional[Path] = typer.Option(None, help="Weights file (default: the zoo's)."),
