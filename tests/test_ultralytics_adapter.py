@@ -322,3 +322,23 @@ def test_rad_and_relevance_maps_with_a_yolov8_surrogate(det, activation):
     assert r.per_channel.abs().sum() > 0
     xa = build_attack("rad", det, steps=1, transforms=[], rules=rules)(x, t)
     assert (xa - x).abs().max() * 255 <= 16 + 1e-4 and not torch.equal(xa, x)
+
+
+def test_a_fresh_process_writes_nothing_outside_advdet_home(tmp_path):
+    """Import and build in a new process with an empty $HOME and every socket call failing: ultralytics' settings
+    file lands under $ADVDET_HOME, nothing under $HOME/.config, and nothing goes online."""
+    import subprocess
+    import sys
+
+    home, adv = tmp_path / "home", tmp_path / "adv"
+    home.mkdir()
+    code = ("import socket\n"
+            "def no(*a, **k): raise AssertionError('network')\n"
+            "socket.socket.connect = no; socket.getaddrinfo = no; socket.create_connection = no\n"
+            "from advdet.models.ultralytics_adapter import ultralytics_detector\n"
+            "ultralytics_detector('yolov8n.yaml', num_classes=3, input_size=64)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "XDG_"))}
+    env.update(HOME=str(home), ADVDET_HOME=str(adv))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    assert [p.relative_to(adv).parts[0] for p in adv.rglob("settings.json")] == ["ultralytics"]
+    assert [p.name for p in home.rglob("*")] == []
