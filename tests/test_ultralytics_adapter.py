@@ -294,7 +294,7 @@ def test_zoo_entry_untrained_and_not_on_the_zoo_page(ul):
     from advdet.models.zoo import ZOO_INPUT_SIZE, build_model, zoo_entry
 
     e = zoo_entry("yolov8")
-    assert (e.family, e.extra, e.kind) == ("ultralytics", "ultralytics", "detector")
+    assert (e.family, e.extra, e.kind, e.backbone_init) == ("ultralytics", "ultralytics", "detector", "yolov8_pre")
     assert e.recipe["batch_size"] == 8
     from advdet.data.shapes import SHAPE_CLASSES
 
@@ -342,3 +342,26 @@ def test_a_fresh_process_writes_nothing_outside_advdet_home(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
     assert [p.relative_to(adv).parts[0] for p in adv.rglob("settings.json")] == ["ultralytics"]
     assert [p.name for p in home.rglob("*")] == []
+
+
+def test_yolov8_starts_from_its_pretrained_backbone(ul, tmp_path, monkeypatch):
+    """yolov8_pre (kind backbone: yolov8n.yaml's layers 0-9 with a linear head, on the procedural set) fills
+    the detector's backbone, as darknet_pre does for yolov3; the neck and head are not touched."""
+    from advdet.models import zoo
+    from advdet.models.weights import save_weights
+    from advdet.models.zoo import zoo_entry
+    from advdet.training.zoo_train import load_backbone_init
+
+    pre, det_entry = zoo_entry("yolov8_pre"), zoo_entry("yolov8")
+    assert (pre.kind, pre.extra, det_entry.backbone_init) == ("backbone", "ultralytics", "yolov8_pre")
+    torch.manual_seed(0)
+    backbone = pre.builder()
+    assert backbone.input_size == 96 and backbone(torch.rand(2, 3, 96, 96)).shape == (2, 256)
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    save_weights(backbone, tmp_path / "yolov8_pre.safetensors", {})
+    model = det_entry.builder()
+    keys = load_backbone_init(model, det_entry)
+    own, src = model.state_dict(), backbone.state_dict()
+    assert {k.split(".")[2] for k in keys} == {str(i) for i in range(10)}
+    assert all(torch.equal(own[k], src["body." + k[len("model.model."):]]) for k in keys)
+    assert not any(k.startswith(("model.model.10.", "model.model.22.")) for k in keys)

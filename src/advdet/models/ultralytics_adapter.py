@@ -56,6 +56,7 @@ __all__ = [
     "ultralytics_detector",
     "load_ultralytics",
     "save_ultralytics",
+    "yolov8_backbone_pretrain",
 ]
 
 
@@ -132,6 +133,8 @@ class YoloNMS:
 #: numbers are comparable with ultralytics' own. ``YoloNMS(conf_thres=0.25, multi_label=False)`` is its
 #: ``predict`` default.
 ULTRALYTICS_VAL_NMS = YoloNMS()
+#: indices of yolov8.yaml's backbone layers (Conv, C2f, ..., SPPF): what ``yolov8_pre`` pretrains
+YOLOV8_BACKBONE_LAYERS = tuple(range(10))
 #: loss gains of ultralytics' default.yaml (box 7.5, cls 0.5, dfl 1.5)
 ULTRALYTICS_HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
 
@@ -432,3 +435,20 @@ def save_ultralytics(det: UltralyticsDetector, path: str | os.PathLike, card: di
     yaml["nc"] = det.num_classes
     return save_weights(det, path, dict(card or {}, family="ultralytics", ultralytics_yaml=yaml,
                                         num_classes=det.num_classes, input_size=det.input_size))
+
+
+def yolov8_backbone_pretrain(*, num_classes: int, input_size: int = 96, cfg: str = "yolov8n.yaml") -> nn.Module:
+    """The backbone of an ultralytics yaml (its ``backbone:`` layers, for ``yolov8n.yaml`` the CSP-Darknet with
+    C2f blocks up to SPPF) with a linear head, for pretraining on the procedural set (the zoo's ``yolov8_pre``):
+    ``body.I.`` = the detector's ``model.model.I.``; no input normalisation, as ultralytics."""
+    from advdet.models.pretrained_backbone import BackboneClassifier
+
+    net = _build(cfg, 1)
+    nb = len(net.yaml["backbone"])
+    layers = list(net.model)[:nb]
+    if any(m.f != -1 for m in layers):
+        raise AdvdetError(f"{cfg}: its backbone is not a plain sequence (a layer takes another input than the "
+                          f"previous one), so it cannot be pretrained as a classifier body")
+    convs = [c for c in nn.Sequential(*layers).modules() if isinstance(c, nn.Conv2d)]
+    return BackboneClassifier(nn.Sequential(*layers), convs[-1].out_channels, num_classes, input_size,
+                              mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
