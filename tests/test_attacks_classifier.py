@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from advdet.attacks import CLASSIFIER_ATTACKS, DI, MI, SI, TI, build_attack
+from advdet.attacks import DI, MI, SI, TI, attacks_of_kind, build_attack
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def classifier():
     return net.double()
 
 
-@pytest.mark.parametrize("name", sorted(CLASSIFIER_ATTACKS))
+@pytest.mark.parametrize("name", sorted(attacks_of_kind("classifier")))
 def test_classifier_attacks(classifier, name):
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     classifier.train()  # the attack must run it in eval mode (dropout off) and restore the mode

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advdet.attacks import (ATTACKS, CLASSIFIER_ATTACKS, DAG, MTD, Attack, adversarial_label_map, build_attack,
+from advdet.attacks import (ATTACKS, DAG, MTD, Attack, adversarial_label_map, build_attack,
                             letterbox_mask, list_attacks)
 from advdet.attacks.losses import cwa_loss, per_image_losses
 from advdet.data.letterbox import letterbox_params
@@ -46,7 +46,7 @@ FAST = {  # fewer steps than the defaults, to keep the suite fast
     # one objective (tests/test_osfd.py runs it with augmentation)
     "osfd": dict(steps=3, theta=0, s_max=1.0, sigma=0),
 }
-DETECTOR_ATTACKS = [n for n in ATTACKS if n not in CLASSIFIER_ATTACKS and n != "gaussian"]
+DETECTOR_ATTACKS = [n for n, c in ATTACKS.items() if c.surrogate_kind == "detector"]
 
 
 @pytest.mark.parametrize("name", DETECTOR_ATTACKS)

@@ -31,8 +31,8 @@ def tiny(tmp_path_factory):
 
 def fast_kwargs(data, models):
     return dict(data=data, models=models, victims=["yolov3", "ssd_vgg"], robust=[], examples=1,
-                attacks=("rad", "cls-pgd", "dag-eps", "dfool", "loc", "not-registered"),
-                attack_kwargs={a: {"steps": 1} for a in ("rad", "cls-pgd", "dag-eps", "dfool", "loc")})
+                attacks=("rad", "cls-pgd", "dag-eps", "dfool", "loc-shift", "not-registered"),
+                attack_kwargs={a: {"steps": 1} for a in ("rad", "cls-pgd", "dag-eps", "dfool", "loc-shift")})
 
 
 def test_run_demo_tables_notes_and_report(tiny, tmp_path):
@@ -42,11 +42,11 @@ def test_run_demo_tables_notes_and_report(tiny, tmp_path):
                             device="cpu", **fast_kwargs(data, models))
     t = res["transfer"]
     # an explicit list: a missing row (RAD's above all) fails; "not-registered" is a note, not a row
-    assert [r["label"] for r in t["rows"]] == [NO_ATTACK, ABLATION, "rad", "cls-pgd", "dag-eps", "dfool", "loc"]
+    assert [r["label"] for r in t["rows"]] == [NO_ATTACK, ABLATION, "rad", "cls-pgd", "dag-eps", "dfool", "loc-shift"]
     assert t["surrogates"] == ["yolov3"] and t["victims"] == ["yolov3", "ssd_vgg"] and t["images"] == 2
-    # loc runs at RAD's setting (step 2, 10 steps by default; here the test's 1 step)
-    loc = next(r for r in t["rows"] if r["label"] == "loc")
-    assert loc["settings"]["step"] == 2.0 and loc["settings"]["steps"] == 1 and loc["settings"]["eps"] == 16.0
+    # RAD's Loc row is loc-shift (loc is A_loc), at RAD's setting (step 2, 10 steps by default; here 1 step)
+    loc = next(r for r in t["rows"] if r["label"] == "loc-shift")
+    assert loc["settings"] == {"steps": 1, "eps": 16.0}  # step: loc-shift's default, RAD's 2
     assert loc["perturbation"]["linf_max"] <= 2
     # what is not there is a note, not a crash
     assert any("not-registered" in n for n in notes)

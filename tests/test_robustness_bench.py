@@ -138,7 +138,7 @@ def toy_coco(tmp_path_factory):
 
 def test_toy_table_has_the_expected_numbers_and_layout(toy_coco):
     toy = ToyDetector()
-    res = robustness_table(["toy"], ["clean", "cls", "loc", "cwa", "dag"], toy_coco, eps=100, steps=1,
+    res = robustness_table(["toy"], ["clean", "cls", "loc", "cwa", "dag-robustdet"], toy_coco, eps=100, steps=1,
                            batch_size=3, detectors={"toy": toy}, progress=False)
     assert res["metric"] == "coco50" and res["images"] == 4 and res["eps"] == 100 and res["steps"] == 1
     m = res["map50"]["toy"]
@@ -149,13 +149,13 @@ def test_toy_table_has_the_expected_numbers_and_layout(toy_coco):
     # background, so the squares of two-class images pull both ways and only some vanish.
     assert m["clean"] == pytest.approx(1.0) and m["loc"] == pytest.approx(1.0)
     assert m["cls"] == pytest.approx(0.0) and m["cwa"] < 0.9
-    assert m["dag"] == pytest.approx(1.0)
-    assert set(res["seconds"]["toy"]) == {"clean", "cls", "loc", "cwa", "dag"}
+    assert m["dag-robustdet"] == pytest.approx(1.0)
+    assert set(res["seconds"]["toy"]) == {"clean", "cls", "loc", "cwa", "dag-robustdet"}
     assert res["attack_settings"]["toy"]["cls"]["eps"] == 100 and res["attack_settings"]["toy"]["cls"]["step"] == 100
-    assert res["attack_settings"]["toy"]["dag"]["attack"] == "dag-robustdet"
+    assert res["attack_settings"]["toy"]["dag-robustdet"]["attack"] == "dag-robustdet"
     json.dumps(res)  # JSON-able
     cols, rows = table_rows(res)
-    assert cols == ["Method", "Clean", "A_cls", "A_loc", "CWA", "DAG"]
+    assert cols == ["Method", "Clean", "A_cls", "A_loc", "CWA", "DAG (RobustDet)"]
     assert rows == [["toy", "100.0", "0.0", "100.0", f"{100 * m['cwa']:.1f}", "100.0"]]
 
 
@@ -369,11 +369,13 @@ def test_table_columns_build_the_documented_attacks():
 
     toy = ToyDetector()
     assert build_table_attack("clean", toy) is None
-    dag = build_table_attack("dag", toy)
+    dag = build_table_attack("dag-robustdet", toy)
     assert type(dag) is RobustDetDAG and dag.steps == 150 and dag.step == 0.5 and dag.eps is None
     assert not dag.accumulate
-    xie = build_table_attack("dag-xie", toy, steps=3)
+    # one name, one attack: `dag` is Xie's DAG here as everywhere; `dag-xie` is its old alias
+    xie = build_table_attack("dag", toy, steps=3)
     assert type(xie) is DAG and xie.steps == 3
+    assert type(build_table_attack("dag-xie", toy, steps=3)) is DAG
     cls = build_table_attack("cls", toy, eps=4)
     assert (cls.name, cls.eps, cls.step, cls.steps) == ("cls", 4.0, 4.0, 20)
     loc = build_table_attack("loc", toy, steps=5, overrides={"step": 1.0})

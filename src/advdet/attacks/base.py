@@ -126,6 +126,14 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     description: ClassVar[str] = ""
+    #: what the attack's ``model`` is: ``"detector"`` (a Detector, or an ensemble of them),
+    #: ``"classifier"`` (an image classifier; transfer tables craft it on the zoo classifier) or
+    #: ``"none"`` (no model: the Gaussian ablation)
+    surrogate_kind: ClassVar[str] = "detector"
+    #: how a table's budget applies: ``"eps"`` (an Linf ``eps`` with the attack's own step: RAD's
+    #: protocol, transfer tables set eps), ``"eps=step"`` (RobustDet's PGD protocol: robustness tables set
+    #: eps and step = eps) or ``"none"`` (no Linf budget: a table sets only ``steps``)
+    budget: ClassVar[str] = "eps"
 
     def __init__(self, model: nn.Module, *, eps: float | None = 8.0, step: float = 2.0, steps: int = 10,
                  update: str = "sign", random_start: bool = False, valid_only: bool = False,

@@ -29,6 +29,7 @@ class ClassifierPGD(Attack):
     """
 
     name = "cls-pgd"
+    surrogate_kind = "classifier"
     description = "classifier PGD (RAD Table 3) with the clean prediction as label (eps 16, step 2, 10 steps)"
 
     def __init__(self, model, *, eps: float | None = 16.0, step: float = 2.0, steps: int = 10,

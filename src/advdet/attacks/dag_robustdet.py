@@ -40,6 +40,7 @@ class RobustDetDAG(Attack):
     """
 
     name = "dag-robustdet"
+    budget = "none"
     description = "DAG as RobustDet's Table 1 runs it: all priors, random labels, gamma 0.5, 150 steps, no eps"
 
     def __init__(self, model, *, steps: int = 150, gamma: float = 0.5, accumulate: bool = False,

@@ -197,16 +197,16 @@ class EnsembleAttack(Attack):
 
     def __init__(self, model, *, attack: str, weights: Any = "equal", normalize: bool = False, **kw: Any):
         from advdet.attacks.rad import RAD
-        from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
+        from advdet.attacks.registry import ATTACKS, build_attack
 
         ens = model if isinstance(model, SurrogateEnsemble) else SurrogateEnsemble([model], ["m0"])
         label = "+".join(ens.names)
         if attack not in ATTACKS:
             raise UnknownNameError(f"ensemble {label}: unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
         cls = ATTACKS[attack]
-        if attack in CLASSIFIER_ATTACKS:
-            raise EnsembleError(f"ensemble {label}: {attack!r} attacks an image classifier; an ensemble of "
-                                f"detectors takes detector attacks")
+        if cls.surrogate_kind != "detector":
+            raise EnsembleError(f"ensemble {label}: {attack!r} attacks a {cls.surrogate_kind} surrogate, not a "
+                                f"detector; an ensemble of detectors takes detector attacks")
         if getattr(cls, "ensemble_native", False):
             raise EnsembleError(f"ensemble {label}: {attack!r} is itself an ensemble attack; name the attack "
                                 f"to average (e.g. pgd)")

@@ -19,6 +19,8 @@ class GaussianNoise(Attack):
     None)."""
 
     name = "gaussian"
+    surrogate_kind = "none"
+    budget = "none"
     description = "Gaussian-noise ablation of RAD: x + N(0, 9^2) in 0-255 units, clipped to [0, 1]"
 
     def __init__(self, model: Any = None, *, sigma: float = 9.0, eps: float | None = None,

@@ -40,6 +40,7 @@ class PGD(Attack):
     """
 
     name: ClassVar[str] = "pgd"
+    budget: ClassVar[str] = "eps=step"  # the robustness table's eps = step = 8 (pgd, cls, loc, cwa, mtd)
     description: ClassVar[str] = "PGD on the detector's total training loss (eps 8, step 8, 20 steps, sign)"
     loss_keys: ClassVar[tuple[str, ...] | None] = None  # None: every loss term
 

@@ -19,7 +19,8 @@ from advdet.attacks.batches import letterbox_mask
 from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.rad import RADDiagnostics
-from advdet.attacks.registry import ATTACKS, CLASSIFIER_ATTACKS, build_attack
+from advdet.attacks.registry import ATTACKS, build_attack
+from advdet.attacks.spec import resolve_name
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.coco import decode_segmentation
 from advdet.data.coco_writer import CocoWriter, encode_mask
@@ -117,15 +118,16 @@ class CraftJob:
                  attack_kwargs, limit, batch_size, seed, skip_bad, device, pretrained, labels, out_dir,
                  input_size=None):
         registry = load_attack_registry()
-        if attack_name not in registry:
-            raise CraftError(f"unknown attack {attack_name!r}; known: {', '.join(registry)} "
-                             f"(`advdet attack --list` describes them)")
+        try:
+            attack_name = resolve_name(attack_name, registry)
+        except UnknownNameError as err:
+            raise CraftError(err.args[0]) from None
         if batch_size < 1:
             raise CraftError(f"batch_size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
             raise CraftError(f"limit must be >= 1, got {limit}")
         self.attack_name, self.model_name = attack_name, model_name
-        self.is_classifier_attack = attack_name in CLASSIFIER_ATTACKS
+        self.is_classifier_attack = registry[attack_name].surrogate_kind == "classifier"
         self.out_dir = Path(out_dir)
         self.batch_size, self.seed, self.skip_bad = int(batch_size), int(seed), bool(skip_bad)
 

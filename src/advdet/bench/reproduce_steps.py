@@ -44,7 +44,7 @@ RAD_DEFAULT_SETTING = {"node_type": "cls", "technique": "SI", "eps": RAD_EPS}
 #: RobustDet: the standard model first (the baseline of the paired differences), then the robust entries
 ROBUST_MODELS = ("ssd_vgg", "ssd_vgg-at-cls", "ssd_vgg-at-loc", "ssd_vgg-mtd", "ssd_vgg-cwat", "robustdet",
                  "robustdet-cfr")
-ROBUST_ATTACKS = ("clean", "cls", "loc", "cwa", "dag")
+ROBUST_ATTACKS = ("clean", "cls", "loc", "cwa", "dag-robustdet")
 ROBUST_SWEEP_STEPS = (1, 5, 10, 20)
 #: default images: the issue's runs (RAD on >= 200 images, RobustDet Table 1 on >= 100)
 DEFAULT_LIMITS = {"rad": 200, "robustdet": 100}

@@ -9,11 +9,14 @@ as RobustDet's evaluation does, ALGORITHMS.md 1.6). Columns (Table 1):
 - ``cls`` (A_cls) / ``loc`` (A_loc): PGD on the classification / localization loss, eps 8, step 8
   (the reference's alpha = eps), 20 steps, sign, no random start;
 - ``cwa``: the class-wise attack of CWAT with the same PGD;
-- ``dag``: **RobustDet's DAG** (:class:`advdet.attacks.dag_robustdet.RobustDetDAG`, registered as
-  ``dag-robustdet``), not the original DAG of Xie et al.: every prior attacked towards a random other
-  label, gamma 0.5, 150 iterations, no eps (ALGORITHMS.md 1.6); the column ``dag-xie`` is the original
-  (``dag`` in the attack registry, ALGORITHMS.md 2.5);
+- ``dag-robustdet``: **RobustDet's DAG** (:class:`advdet.attacks.dag_robustdet.RobustDetDAG`): every
+  prior attacked towards a random other label, gamma 0.5, 150 iterations, no eps (ALGORITHMS.md 1.6);
+  ``dag`` is the original DAG of Xie et al. (ALGORITHMS.md 2.5), as everywhere in advdet (the old column
+  name ``dag-xie`` still works, with a deprecation note);
 - any other registered detector attack by its registry name (``mtd``, ``pgd``, ``dag-eps``, ...).
+
+Columns are names of the attack registry; their settings come from a spec (``cls:steps=5``, parsed by
+``advdet.attacks.spec``) through ``attack_kwargs``.
 
 Metric (``metric=``): ``voc07`` is the VOC2007 11-point AP at IoU 0.5 (``advdet.metrics.voc_map``,
 difficult objects ignored), ``coco50`` is COCO AP@0.5 (pycocotools' ``stats[1]``, through
@@ -38,7 +41,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from advdet.bench.loading import load_detector
-from advdet.bench.robustness_columns import TABLE_ATTACKS, attack_targets, build_table_attack, check_attack_names
+from advdet.bench.robustness_columns import (TABLE_ATTACKS, attack_targets, build_table_attack, check_attack_names,
+                                             column_names)
 from advdet.bench.robustness_scoring import (Column, boot_samples, is_voc, load_eval_dataset, resolve_metric,
                                              score_column, voc_det, voc_gt)
 from advdet.bench.runtime import jsonable, resolve_device
@@ -193,8 +197,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
     Args:
         models: zoo names (``ssd_vgg``, ``ssd_vgg-mtd``, ``robustdet``, ...) or ``torchvision:BUILDER``;
             the first is the baseline the report's arrows compare to.
-        attacks: columns: ``clean``, ``cls``, ``loc``, ``cwa``, ``dag`` (RobustDet's DAG) or any registered
-            detector attack.
+        attacks: columns: ``clean``, ``cls``, ``loc``, ``cwa``, ``dag-robustdet`` (RobustDet's DAG) or any
+            registered detector attack (``dag``: Xie's DAG).
         data: ``shapes-val``, a COCO-format folder (with ``ann``), or a Pascal VOC folder (``voc_split``).
         metric: ``auto`` (VOC07 for VOC data, COCO AP50 otherwise), ``voc07`` or ``coco50``.
         limit: the first N images only. eps: Linf budget of the PGD-family attacks (0-255; step = eps).
@@ -215,7 +219,7 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
     ``intervals`` (None without ``n_boot``): ``map50`` {model: {attack: {value, lo, hi}}} and ``paired``
     {model: {attack: interval of model - first model}}, on the same resamples.
     """
-    attacks = list(attacks)
+    attacks = column_names(attacks)
     check_attack_names(attacks)
     plan = [(a, a, steps) for a in attacks]
     out = _evaluate_grid(models, plan, data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps,
@@ -255,7 +259,7 @@ def robustness_steps_sweep(models: Sequence[str], attacks: Sequence[str] = ("cls
         raise ValueError(f"steps must be a non-empty list of counts >= 1, got {steps}")
     if len(set(steps)) != len(steps):
         raise ValueError(f"step count listed twice: {steps}")
-    sweep = [a for a in attacks if a != "clean"]
+    sweep = column_names([a for a in attacks if a != "clean"])
     check_attack_names(sweep)
     plan: list[tuple[str, str, int | None]] = [("clean", "clean", None)] if include_clean else []
     plan += [(f"{a}@{s}", a, s) for a in sweep for s in steps]

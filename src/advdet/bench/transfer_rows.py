@@ -3,7 +3,7 @@
 Rows: ``No Attack`` (the clean images), ``Ablation`` (Gaussian noise, sigma = 9 in 0-255 units, RAD sec.
 4.1) and one row per attack (and per sweep value).
 
-Classifier attacks (registered with ``classifier=True``: cls-pgd, cls-si-pgd, cls-mi-di-pgd,
+Classifier attacks (``surrogate_kind = "classifier"`` on the class: cls-pgd, cls-si-pgd, cls-mi-di-pgd,
 cls-mi-ti-pgd) are crafted on the zoo ``classifier`` (``classifier=`` to change it), once, whatever the
 detector surrogates.
 
@@ -15,7 +15,8 @@ Sweeps (one at a time):
   attacks with a ``transforms`` parameter);
 - ``sweep="node_type"``: ``cls``, ``loc``, ``size`` (RAD Table 1; attacks with a ``node_type`` parameter).
 
-An attack without the swept parameter runs once, with a note. Seeds: attack ``seed + index of the batch's
+An attack without the swept parameter runs once, with a note. Attacks whose ``budget`` is ``eps`` or
+``eps=step`` get the table's eps (unless their spec sets one). Seeds: attack ``seed + index of the batch's
 first image``, so the same call gives the same numbers.
 
 Ensembles (issue 24, item 1): a surrogate named ``a+b+c`` is ONE surrogate, the members' ensemble
@@ -28,13 +29,13 @@ on the ensemble of the other pool models, labelled ``ens-<attack> without <h>``;
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 from advdet.attacks.registry import ATTACKS
+from advdet.attacks.spec import accepts, check_kwargs, transforms_for
 from advdet.data.errors import UnknownNameError
 
 __all__ = ["NO_ATTACK", "ABLATION", "SWEEPS", "DEFAULT_SWEEP_VALUES", "RowSpec", "plan_rows", "transforms_for",
@@ -48,37 +49,18 @@ DEFAULT_SWEEP_VALUES: dict[str, list] = {
     "technique": ["none", "DI", "TI", "SI", "MI"],
     "node_type": ["size", "loc", "cls"],
 }
-#: the keyword each sweep sets on an attack (its presence in the attack's signature decides)
+#: the keyword each sweep sets on an attack (the attack's parameters, ``attacks.spec.accepts``, decide)
 _SWEEP_PARAM = {"eps": "eps", "nodes": "nodes", "technique": "transforms", "node_type": "node_type"}
 
 
-def is_classifier_attack(name: str) -> bool:
-    from advdet.attacks.registry import CLASSIFIER_ATTACKS
-
-    return name in CLASSIFIER_ATTACKS
-
-
-def _accepts(cls: type, param: str) -> bool:
-    sig = inspect.signature(cls.__init__)
-    return param in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+def is_classifier_attack(name: str, registry: Mapping[str, type] | None = None) -> bool:
+    """Whether attack ``name`` is crafted on an image classifier (its class's ``surrogate_kind``)."""
+    cls = (registry if registry is not None else ATTACKS).get(name)
+    return cls is not None and getattr(cls, "surrogate_kind", "detector") == "classifier"
 
 
-def transforms_for(technique: str) -> list:
-    """Fresh transform instances for an update technique name (``none``, ``SI``, ``DI``, ``TI``, ``MI`` or
-    ``+``-joined combinations such as ``SI+MI``); RAD Table 2 settings are the transforms' defaults."""
-    from advdet.attacks.transforms import DI, MI, SI, TI
-
-    table = {"SI": SI, "DI": DI, "TI": TI, "MI": MI}
-    name = str(technique).strip()
-    if name.lower() in ("none", ""):
-        return []
-    out = []
-    for part in name.split("+"):
-        key = part.strip().upper()
-        if key not in table:
-            raise ValueError(f"unknown update technique {part!r}; choose from none, SI, DI, TI, MI (or SI+MI ...)")
-        out.append(table[key]())
-    return out
+def _takes_eps(cls: type) -> bool:
+    return getattr(cls, "budget", "eps") in ("eps", "eps=step")
 
 
 def _sweep_kwargs(sweep: str, value: Any) -> dict:
@@ -165,18 +147,20 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
             raise UnknownNameError(f"unknown attack {name!r}; registered: {', '.join(registry)}")
         cls = registry[name]
         user = dict(attack_kwargs.get(name, {}))
-        is_cls = is_classifier_attack(name)
+        if registry is ATTACKS:
+            user = check_kwargs(name, user)  # one-line error for a bad setting before anything is crafted
+        is_cls = is_classifier_attack(name, registry)
         crafters = [(classifier, name, None)] if is_cls else \
             [(sur, name if not multi else f"{name} ({sur})", None) for sur in surrogates]
         if not is_cls:
             crafters += [("+".join(p for p in pool if p != h), leave_one_out_label(name, h), h) for h in pool]
         for sur, label, held in crafters:
             base = dict(user)
-            if "eps" not in base and _accepts(cls, "eps"):
+            if "eps" not in base and _takes_eps(cls):
                 base["eps"] = base_eps
             values: list = [None]
             if sweep is not None:
-                if _accepts(cls, _SWEEP_PARAM[sweep]):
+                if accepts(cls, _SWEEP_PARAM[sweep]):
                     values = list(sweep_values)
                 else:
                     notes.append(f"{name}: no {_SWEEP_PARAM[sweep]!r} parameter, run once without the {sweep} sweep")
@@ -197,15 +181,15 @@ def build_row_attack(spec: RowSpec, model: nn.Module | None, seed: int, device, 
     if "technique" in kw:
         kw["transforms"] = transforms_for(kw.pop("technique"))
     for key, val in (("valid_only", True), ("seed", seed)):
-        if key not in kw and _accepts(cls, key):
+        if key not in kw and accepts(cls, key):
             kw[key] = val
-    if device is not None and "device" not in kw and _accepts(cls, "device"):
+    if device is not None and "device" not in kw and accepts(cls, "device"):
         kw["device"] = device
     from advdet.attacks.ensemble import ENSEMBLE_OPTIONS, SurrogateEnsemble
     from advdet.attacks.registry import build_attack
 
     if (spec.kind == "detector" and model is not None and not isinstance(model, SurrogateEnsemble)
-            and any(k in kw for k in ENSEMBLE_OPTIONS) and not any(_accepts(cls, k) for k in ENSEMBLE_OPTIONS)):
+            and any(k in kw for k in ENSEMBLE_OPTIONS) and not any(accepts(cls, k) for k in ENSEMBLE_OPTIONS)):
         model = SurrogateEnsemble([model], [spec.surrogate])  # ensemble options: a one-member ensemble
 
     return build_attack(spec.attack, model, **kw)

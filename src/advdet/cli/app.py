@@ -13,6 +13,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from advdet import __version__
+from advdet.cli.options import Threads, apply_threads
 from advdet.data.errors import AdvdetError
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -107,18 +108,16 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit."),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
-          threads: int = typer.Option(0, "--threads", envvar="ADVDET_THREADS",
-                                      help="torch CPU threads for every command (0: torch's default). On a "
-                                           "busy CPU, 1 is often several times faster.")) -> None:
+          threads: Threads = 0) -> None:
+    """``--threads`` here applies to every command (``cli/options.py`` defines the shared options)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    apply_threads(threads)
 
 
 def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items of ``advdet train`` / ``advdet zoo train`` (recipe and config fields; values
+    parsed as JSON when they are JSON). Attack settings have their own grammar: ``advdet.attacks.spec``."""
     out = {}
     for item in items:
         if "=" not in item:

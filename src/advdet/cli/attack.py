@@ -10,22 +10,25 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from advdet.cli.app import app, console, parse_overrides
-from advdet.data.errors import AdvdetError, UnknownNameError
+from advdet.cli.app import app, console
+from advdet.cli.options import (AllowUntrained, AttackSpecOption, Device, SettingsOption, WeightsFile, attack_spec,
+                                budget_flags)
+from advdet.data.errors import AdvdetError
 
 log = logging.getLogger(__name__)
 
 
 def print_attack_list() -> None:
-    from advdet.attacks.registry import CLASSIFIER_ATTACKS
     from advdet.bench.craft_job import load_attack_registry
 
-    table = Table(title="advdet attacks (advdet attack --attack NAME)")
+    table = Table(title="advdet attacks (advdet attack --attack NAME[:KEY=VALUE,...], "
+                        "e.g. rad:steps=5,technique=SI+MI)")
     table.add_column("name", style="bold")
     table.add_column("surrogate")
+    table.add_column("budget")
     table.add_column("description")
     for name, cls in load_attack_registry().items():
-        table.add_row(name, "classifier" if name in CLASSIFIER_ATTACKS else "detector", cls.description)
+        table.add_row(name, cls.surrogate_kind, cls.budget, cls.description)
     console.print(table)
 
 
@@ -72,18 +75,18 @@ def print_evaluation(evaluation: dict, title: str) -> None:
 
 @app.command("attack")
 def attack_cmd(
-        attack: Optional[str] = typer.Option(None, "--attack", help="Attack name (see --list)."),
+        attack: AttackSpecOption = None,
         model: Optional[str] = typer.Option(None, "--model", "--surrogate",
                                             help="Surrogate: zoo name, torchvision:BUILDER, darknet:yolov3, "
                                             "ultralytics:YAML|FILE.pt or hf:CONFIG|DIR (default for "
                                             "classifier attacks: classifier); a+b+c is one ensemble that "
-                                            "averages the attack over its members (--set weights=loss|"
-                                            "equal|[w,...], --set normalize=true)."),
+                                            "averages the attack over its members (ATTACK:weights=loss|"
+                                            "equal|[w,...],normalize=true)."),
         data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder (with --ann)."),
         out: Optional[Path] = typer.Option(None, help="Output folder (COCO format: images/, instances.json, "
                                            "card.json)."),
         ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
-        weights: Optional[Path] = typer.Option(None, help="Surrogate weights file (default: the zoo's)."),
+        weights: WeightsFile = None,
         eps: Optional[float] = typer.Option(None, help="Linf budget, 0-255 units (default: the attack's)."),
         step: Optional[float] = typer.Option(None, help="Step size, 0-255 units (default: the attack's)."),
         steps: Optional[int] = typer.Option(None, help="Iterations (default: the attack's)."),
@@ -91,8 +94,8 @@ def attack_cmd(
         batch_size: int = typer.Option(8, help="Images per attack call (part of the job: fixes batches and seeds)."),
         seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
         skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
-        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-        set_: list[str] = typer.Option([], "--set", help="Other attack hyper-parameters, KEY=VALUE (JSON values)."),
+        device: Device = None,
+        set_: SettingsOption = [],
         labels: bool = typer.Option(True, help="Attack with the ground-truth boxes (loss-based attacks); "
                                     "--no-labels: with the surrogate's clean predictions."),
         evaluate: bool = typer.Option(False, help="Also report the surrogate's clean vs adversarial mAP."),
@@ -100,7 +103,7 @@ def attack_cmd(
         size: Optional[int] = typer.Option(None, help="Letterbox size of an external (torchvision:, ultralytics:, "
                                            "hf:) surrogate (default: the builder's own)."),
         list_: bool = typer.Option(False, "--list", help="List the registered attacks and exit."),
-        untrained: bool = typer.Option(False, hidden=True, help="Untrained surrogate (tests)."),
+        untrained: AllowUntrained = False,
 ) -> None:
     """Attack every image of a dataset and write the adversarial dataset in COCO format (resumable)."""
     if list_:
@@ -108,22 +111,20 @@ def attack_cmd(
         return
     if not attack or out is None:
         raise AdvdetError("--attack and --out are required (or --list)")
-    from advdet.attacks.registry import CLASSIFIER_ATTACKS
     from advdet.bench.craft import craft_dataset
     from advdet.bench.craft_job import load_attack_registry
     from advdet.bench.distributed import init_distributed, shutdown_distributed
 
-    registry = load_attack_registry()
-    if attack not in registry:
-        raise UnknownNameError(f"unknown attack {attack!r}; known: {', '.join(registry)} (see advdet attack --list)")
+    # one line naming the attack and the bad key or value; --eps/--step/--steps are sugar for its keys
+    spec = budget_flags(attack_spec(attack, set_), eps=eps, step=step, steps=steps)
     if model is None:
-        if attack not in CLASSIFIER_ATTACKS:
-            raise AdvdetError(f"--model is required for the detector attack {attack!r}")
+        if load_attack_registry()[spec.name].surrogate_kind != "classifier":
+            raise AdvdetError(f"--model is required for the detector attack {spec.name!r}")
         model = "classifier"
     try:
-        kw = parse_overrides(set_)
+        kw = dict(spec.kwargs)
         rank, world, dev = init_distributed(device)
-        card = craft_dataset(attack, model, data, out, ann=ann, weights=weights, eps=eps, step=step, steps=steps,
+        card = craft_dataset(spec.name, model, data, out, ann=ann, weights=weights,
                              attack_kwargs=kw, limit=limit, batch_size=batch_size, seed=seed, skip_bad=skip_bad,
                              device=dev, pretrained=not untrained, labels=labels, workers=workers,
                              input_size=size)

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from advdet.cli.app import bench_app, console, print_data_report, resolve_device
+from advdet.cli.options import SPEC_HELP, AllowUntrained, Device, SettingsOption, WeightsMap, attack_list
+from advdet.cli.options import parse_weights as _parse_weights
 
 
 def split_list(value: str, what: str) -> list[str]:
@@ -20,21 +22,9 @@ def split_list(value: str, what: str) -> list[str]:
 
 
 def parse_weights(items: list[str], models: list[str]) -> dict[str, str]:
-    """``--weights NAME=PATH`` (repeatable), or a bare PATH when only one model is benchmarked."""
-    out: dict[str, str] = {}
-    for item in items:
-        if "=" in item:
-            name, path = item.split("=", 1)
-        elif len(models) == 1:
-            name, path = models[0], item
-        else:
-            raise typer.BadParameter(f"--weights {item!r}: with several models use NAME=PATH")
-        if name not in models:
-            raise typer.BadParameter(f"--weights {item!r}: {name!r} is not one of --models {','.join(models)}")
-        if not Path(path).is_file():
-            raise typer.BadParameter(f"--weights {item!r}: {path}: file not found")
-        out[name] = path
-    return out
+    """``--weights NAME=PATH`` (repeatable), or a bare PATH when only one model is benchmarked
+    (``cli/options.parse_weights``)."""
+    return _parse_weights(items, models)
 
 
 def parse_steps(value: Optional[str]) -> list[int] | None:
@@ -53,8 +43,10 @@ def parse_steps(value: Optional[str]) -> list[int] | None:
 def robustness_cmd(
         models: str = typer.Option(..., help="Comma list of zoo names (first = baseline), e.g. "
                                              "ssd_vgg,ssd_vgg-mtd,robustdet."),
-        attacks: str = typer.Option("clean,cls,loc,cwa,dag", help="Comma list of columns: clean, cls (A_cls), "
-                                    "loc (A_loc), cwa, dag (RobustDet's DAG) or any registered detector attack."),
+        attacks: str = typer.Option("clean,cls,loc,cwa,dag-robustdet",
+                                    help="Comma list of columns: clean, cls (A_cls), loc (A_loc), cwa, "
+                                    "dag-robustdet (RobustDet's DAG; dag is Xie's) or any registered detector "
+                                    f"attack; each {SPEC_HELP} (e.g. cls:steps=5,technique=MI)."),
         data: str = typer.Option("shapes-val", help="shapes-val, a COCO-format folder (with --ann) or a VOC folder."),
         ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
         metric: str = typer.Option("auto", help="voc07 (VOC07 11-point AP50), coco50 (COCO AP50), or auto "
@@ -65,13 +57,13 @@ def robustness_cmd(
                                                        "list (e.g. 1,5,10,20) runs the steps sweep of Fig. 7."),
         batch_size: int = typer.Option(8, help="Images per batch."),
         seed: int = typer.Option(0, help="Attack seed."),
-        weights: list[str] = typer.Option([], help="NAME=PATH weights for a model (repeatable); a bare PATH "
-                                                   "with a single model."),
-        allow_untrained: bool = typer.Option(False, help="Benchmark models without trained weights (random init)."),
+        weights: WeightsMap = [],
+        allow_untrained: AllowUntrained = False,
+        set_: SettingsOption = [],
         voc_split: str = typer.Option("test", help="Split file of a VOC folder (ImageSets/Main/SPLIT.txt)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
         report: Optional[Path] = typer.Option(None, help="Write report.md and index.html into this folder."),
-        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        device: Device = None,
         skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
         n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the 95 % intervals of "
                                    "every cell and of each model's difference to the first."),
@@ -84,19 +76,20 @@ def robustness_cmd(
     from advdet.data.io import atomic_write_json
 
     model_list = split_list(models, "models")
-    attack_list = split_list(attacks, "attacks")
+    split_list(attacks, "attacks")  # an empty list: its own message
+    attack_names, attack_kwargs = attack_list(attacks, set_, extra_names=("clean",))
     step_list = parse_steps(steps)
     if n_boot < 0:
         raise typer.BadParameter(f"--n-boot must be >= 0, got {n_boot}")
     kw = dict(data=data, ann=ann, metric=metric, limit=limit, batch_size=batch_size, eps=eps, seed=seed,
               device=resolve_device(device), weights=parse_weights(weights, model_list),
               allow_untrained=allow_untrained, voc_split=voc_split, skip_bad=skip_bad,
-              n_boot=0 if no_ci else n_boot, boot_seed=ci_seed)
+              n_boot=0 if no_ci else n_boot, boot_seed=ci_seed, attack_kwargs=attack_kwargs or None)
     sweep = step_list is not None and len(step_list) > 1
     if sweep:
-        result = robustness_steps_sweep(model_list, attack_list, steps=step_list, **kw)
+        result = robustness_steps_sweep(model_list, attack_names, steps=step_list, **kw)
     else:
-        result = robustness_table(model_list, attack_list, steps=step_list[0] if step_list else None, **kw)
+        result = robustness_table(model_list, attack_names, steps=step_list[0] if step_list else None, **kw)
 
     from advdet.bench import intervals as ci
     from advdet.bench.robustness_columns import ATTACK_LABELS

@@ -10,9 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from advdet.cli.app import bench_app, console, parse_overrides, print_data_report, resolve_device
+from advdet.cli.app import bench_app, console, print_data_report, resolve_device
+from advdet.cli.options import SPEC_HELP, AllowUntrained, Device, SettingsOption, WeightsMap, attack_list
+from advdet.cli.options import parse_weights as _parse_weights
 
-DEFAULT_ATTACKS = "cls-pgd,dag-eps,dfool,loc,rad"
+#: RAD Table 3's detection baselines (its "Loc" row is ``loc-shift``; ``loc`` is A_loc) and RAD
+DEFAULT_ATTACKS = "cls-pgd,dag-eps,dfool,loc-shift,rad"
 
 
 def _split(text: str | None) -> list[str]:
@@ -28,27 +31,6 @@ def parse_eps(text: str) -> float | list[float]:
     if not vals:
         raise typer.BadParameter("--eps is empty")
     return vals[0] if len(vals) == 1 else vals
-
-
-def parse_attack_settings(items: list[str]) -> dict[str, dict]:
-    """``rad.steps=5`` -> {"rad": {"steps": 5}} (values parsed as JSON when they are JSON)."""
-    out: dict[str, dict] = {}
-    for key, val in parse_overrides(items).items():
-        attack, dot, param = key.partition(".")
-        if not dot or not attack or not param:
-            raise typer.BadParameter(f"--set expects ATTACK.PARAM=VALUE, got {key}={val}")
-        out.setdefault(attack, {})[param] = val
-    return out
-
-
-def parse_weights(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, eq, path = item.partition("=")
-        if not eq or not name or not path:
-            raise typer.BadParameter(f"--weights expects MODEL=PATH, got {item!r}")
-        out[name] = path
-    return out
 
 
 def parse_sizes(items: list[str], names: list[str]) -> dict[str, int]:
@@ -152,8 +134,8 @@ def bench_transfer(
                                                 "list of separate surrogates; a+b+c is ONE ensemble that "
                                                 "averages the attack over its members (default: yolov3, none "
                                                 "with --leave-one-out)."),
-        attacks: str = typer.Option(DEFAULT_ATTACKS, help="Attack names, comma list (`advdet attack --list`); "
-                                    "Ablation (gaussian) and No Attack rows are always added."),
+        attacks: str = typer.Option(DEFAULT_ATTACKS, help=f"Attacks, comma list; each {SPEC_HELP}. Ablation "
+                                    "(gaussian) and No Attack rows are always added."),
         victims: Optional[str] = typer.Option(None, help="Victim models, comma list "
                                               "(default: every trained zoo detector)."),
         data: str = typer.Option("shapes-val", help="shapes-val, shapes-train, or a COCO-format images folder."),
@@ -168,12 +150,11 @@ def bench_transfer(
                                                    "static:10,static:20,static:30,dynamic:-1,dynamic:-2,dynamic:-3; "
                                                    "technique none,DI,TI,SI,MI; node_type size,loc,cls)."),
         classifier: str = typer.Option("classifier", help="Surrogate of the classifier attacks (cls-*)."),
-        set_: list[str] = typer.Option([], "--set", help="Attack setting ATTACK.PARAM=VALUE (repeatable), "
-                                       "e.g. --set rad.steps=5 --set loc.step=2."),
-        weights: list[str] = typer.Option([], help="MODEL=PATH weights file (repeatable)."),
+        set_: SettingsOption = [],
+        weights: WeightsMap = [],
         size: list[str] = typer.Option([], help="Letterbox size of torchvision: models: S (all of them) or "
                                        "MODEL=S (repeatable); default the builder's. RAD: 416."),
-        allow_untrained: bool = typer.Option(False, help="Use randomly initialised models where no weights exist."),
+        allow_untrained: AllowUntrained = False,
         skip_unavailable: bool = typer.Option(False, help="Skip unknown attacks and untrained models with a note."),
         use_gt: bool = typer.Option(False, help="Give the attacks the ground truth (default: clean predictions)."),
         metric: str = typer.Option("map", help="Metric of the printed table: map, map50 or map75."),
@@ -181,7 +162,7 @@ def bench_transfer(
         relevance: bool = typer.Option(True, help="Relevance maps before/after in the report's grids."),
         report: Optional[Path] = typer.Option(None, help="Write report.md, index.html and figures to this folder."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
-        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        device: Device = None,
         skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
         n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the 95 % intervals of "
                                    "mAP50 and the paired RAD - baseline differences."),
@@ -191,9 +172,8 @@ def bench_transfer(
                                         "baseline row."),
         leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Per detector attack, attack every "
                                            "victim with the ensemble of the other victims (rows 'ens-ATTACK "
-                                           "without VICTIM'; black-box number: that victim). Ensemble options: "
-                                           "--set ATTACK.weights=loss|equal|[w,...], --set "
-                                           "ATTACK.normalize=true.")) -> None:
+                                           "without VICTIM'; black-box number: that victim). Ensemble options "
+                                           "in the spec: ATTACK:weights=loss|equal|[w,...],normalize=true.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
     from advdet.bench.transfer import transfer_matrix
@@ -211,10 +191,13 @@ def bench_transfer(
         raise AdvdetError("no trained zoo detector to use as victim; pass --victims "
                           "(and --allow-untrained for random weights)")
     surrogates = _split(surrogate) if surrogate is not None else ([] if leave_one_out else ["yolov3"])
+    # one line naming the attack and the bad key or value (unknown names: skipped with --skip-unavailable)
+    attack_names, attack_kwargs = attack_list(attacks, set_, allow_unknown=skip_unavailable)
+    models = list(dict.fromkeys([m for s in surrogates for m in s.split("+")] + victim_list + [classifier]))
     result = transfer_matrix(
-        surrogates, _split(attacks), victim_list, data, ann=ann, eps=eps_v, limit=limit,
+        surrogates, attack_names, victim_list, data, ann=ann, eps=eps_v, limit=limit,
         batch_size=batch_size, seed=seed, device=resolve_device(device),
-        attack_kwargs=parse_attack_settings(set_), weights=parse_weights(weights), sweep=sweep,
+        attack_kwargs=attack_kwargs, weights=_parse_weights(weights, models, check_files=False), sweep=sweep,
         sizes=parse_sizes(size, [m for s in surrogates for m in s.split("+")] + victim_list + [classifier]),
         sweep_values=_split(sweep_values) or None, classifier=classifier, allow_untrained=allow_untrained,
         skip_unavailable=skip_unavailable, examples=examples if report else 0, relevance=relevance,

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from advdet.cli.app import app, console, resolve_device
+from advdet.cli.options import SPEC_HELP, Device, SettingsOption, Threads, apply_threads, attack_list
 
 
 @app.command()
@@ -20,9 +21,11 @@ def demo(out: Path = typer.Option(Path("advdet-report"), help="Folder of the rep
                                                     "(default 5; RobustDet's are 20 PGD / 150 DAG)."),
          batch_size: int = typer.Option(8, help="Images per batch."),
          seed: int = typer.Option(0, help="Attack seed."),
-         device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's, one per core; "
-                                               "use 1 on a machine busy with other jobs)."),
+         attacks: Optional[str] = typer.Option(None, help=f"Attacks of the transfer table, comma list (default "
+                                               f"rad,cls-pgd,dag-eps,dfool,loc-shift); each {SPEC_HELP}."),
+         set_: SettingsOption = [],
+         device: Device = None,
+         threads: Threads = 0,
          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:
     """The main job: transfer table (RAD and baselines from the yolov3 surrogate against every trained zoo
     detector) and robustness table (robust zoo models), printed and written as a report."""
@@ -36,19 +39,22 @@ def demo(out: Path = typer.Option(Path("advdet-report"), help="Folder of the rep
     from advdet.data.shapes import ensure_default_shapes
 
     t0 = time.perf_counter()
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    apply_threads(threads)
+    chosen = {}
+    if attacks is not None or set_:  # one line naming the attack and the bad key or value
+        names, kwargs = attack_list(attacks or ",".join(DEMO_ATTACKS), set_, allow_unknown=True)  # skipped, noted
+        chosen = {"attacks": tuple(names), "attack_kwargs": kwargs}
     n = limit or DEMO_LIMIT
     with console.status("making sure the shapes benchmark exists ..."):
         root = ensure_default_shapes()
     console.print(f"shapes benchmark: {root}")
-    console.print(f"[bold]advdet demo[/]: transfer from {DEMO_SURROGATE} ({', '.join(DEMO_ATTACKS)}; eps 16) "
+    shown = ", ".join(chosen.get("attacks", DEMO_ATTACKS))
+    console.print(f"[bold]advdet demo[/]: transfer from {DEMO_SURROGATE} ({escape(shown)}; eps 16) "
                   f"on {n} shapes-val images, then the robustness table; report -> {out}")
     result = run_demo(out, limit=n, robust_limit=robust_limit or DEMO_ROBUST_LIMIT,
                       robust_steps=robust_steps or DEMO_ROBUST_STEPS, batch_size=batch_size, seed=seed,
-                      device=resolve_device(device), note=lambda m: console.print(f"[yellow]{escape(m)}[/]"))
+                      device=resolve_device(device), note=lambda m: console.print(f"[yellow]{escape(m)}[/]"),
+                      **chosen)
     if result["transfer"] is not None:
         print_transfer({**result["transfer"], "skipped": [], "notes": result["transfer"]["notes"]}, console)
     if result["robustness"] is not None:
