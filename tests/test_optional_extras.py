@@ -10,12 +10,13 @@ import sys
 import pytest
 
 from advdet.data.errors import AdvdetError
-from advdet.models import hf_rtdetr, ultralytics_adapter as ula, zoo
+from advdet.models import hf_rtdetr, ultralytics_adapter as ula, ultralytics_import, zoo
 
 
 @pytest.fixture
 def without_extras(monkeypatch):
     monkeypatch.setattr(ula, "available", lambda: False)
+    monkeypatch.setattr(ultralytics_import, "available", lambda: False)
     monkeypatch.setattr(hf_rtdetr, "available", lambda: False)
     monkeypatch.setattr(zoo, "ZOO", {})  # registered again on first use, without the extras' entries
 

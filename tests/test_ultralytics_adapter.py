@@ -53,6 +53,21 @@ def ul():
         return ula
 
 
+def test_import_leaves_pillow_and_torch_save_alone(ul, tmp_path):
+    """ultralytics replaces PIL.Image.open with a wrapper that pip-installs pi-heif on an unreadable file;
+    after import_ultralytics advdet's readers see Pillow's own function and error."""
+    import PIL
+    from PIL import Image
+
+    import ultralytics.utils.patches  # noqa: F401  (the module that patches, already imported)
+
+    assert Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
+    bad = tmp_path / "garbage.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(PIL.UnidentifiedImageError):
+        Image.open(bad)
+
+
 @pytest.fixture(scope="module")
 def det(ul):
     torch.manual_seed(0)

@@ -12,11 +12,7 @@ What it wraps: any ultralytics *detection* model (``DetectionModel`` whose last 
 from a local file (:func:`load_ultralytics`). NMS-free end-to-end heads (YOLOv10, YOLO26) and the
 segment/pose/OBB heads are refused with a clear error.
 
-Import side effects, tamed (:func:`import_ultralytics`): ultralytics probes DNS at import to decide whether
-it is online, writes a ``settings.json`` under ``~/.config/Ultralytics`` and replaces ``torch.save`` with its
-own wrapper (and changes print options, warning filters and thread variables). advdet sets
-``YOLO_OFFLINE=1`` (no probe, no hub calls, no event reporting) and ``YOLO_CONFIG_DIR=$ADVDET_HOME/ultralytics``
-unless the user set them, and puts back what the import changed.
+Import side effects are tamed by :func:`advdet.models.ultralytics_import.import_ultralytics`.
 
 Safety of ``.pt`` files: an ultralytics ``.pt`` is a pickle of the whole model object, and unpickling runs
 whatever code the file names. advdet never unpickles one by default. It reads a ``.pt`` with ultralytics'
@@ -31,7 +27,6 @@ stores the yaml, and pass that file from then on (no pickle at all).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +38,7 @@ from torch import nn
 
 from advdet.data.errors import AdvdetError
 from advdet.models.detector import Detector, DenseOutput, check_finite
+from advdet.models.ultralytics_import import UltralyticsMissing, available, import_ultralytics
 from advdet.models.weights import CheckpointError, load_weights, read_card, save_weights
 
 __all__ = [
@@ -58,64 +54,6 @@ __all__ = [
     "save_ultralytics",
     "yolov8_backbone_pretrain",
 ]
-
-
-class UltralyticsMissing(AdvdetError):
-    """The ``ultralytics`` extra is not installed."""
-
-
-def available() -> bool:
-    """True when the ``ultralytics`` package can be imported (without importing it)."""
-    return importlib.util.find_spec("ultralytics") is not None
-
-
-#: environment variables ultralytics sets at import (threads, log levels), restored by :func:`import_ultralytics`
-_ENV_SET_BY_ULTRALYTICS = ("OMP_NUM_THREADS", "NUMEXPR_MAX_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TORCH_CPP_LOG_LEVEL",
-                           "KINETO_LOG_LEVEL")
-
-
-def import_ultralytics():
-    """Import ultralytics offline and without writing outside ``$ADVDET_HOME``; returns the package.
-
-    Sets ``YOLO_OFFLINE=1`` and ``YOLO_CONFIG_DIR=$ADVDET_HOME/ultralytics`` where the user has not set them
-    (before the first import, when ultralytics reads them), and undoes what its import changes for the whole
-    process: ``torch.save`` (replaced by its wrapper), torch's and numpy's print options, the warning filters
-    and the thread / log-level variables of :data:`_ENV_SET_BY_ULTRALYTICS`."""
-    if not available():
-        raise UltralyticsMissing("the ultralytics adapter needs the optional extra: pip install 'advdet[ultralytics]' "
-                                 "(ultralytics is AGPL-3.0, so advdet does not install it by default)")
-    import sys
-
-    if "ultralytics" not in sys.modules:
-        from advdet.data.shapes import advdet_home
-
-        os.environ.setdefault("YOLO_OFFLINE", "1")
-        os.environ.setdefault("YOLO_CONFIG_DIR", str(advdet_home() / "ultralytics"))
-        os.environ.setdefault("YOLO_VERBOSE", "False")
-        import warnings
-
-        import numpy as np
-
-        # what ultralytics changes for the whole process at import, put back afterwards: torch.save, the
-        # print options, warning filters and a few thread / log-level environment variables
-        save, np_print, filters = torch.save, np.get_printoptions(), list(warnings.filters)
-        env = {k: os.environ.get(k) for k in _ENV_SET_BY_ULTRALYTICS}
-        try:
-            import ultralytics
-            import ultralytics.nn.tasks  # noqa: F401  (the model classes)
-        finally:
-            torch.save = save
-            torch.set_printoptions(profile="default")
-            np.set_printoptions(**np_print)
-            warnings.filters[:] = filters
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    import ultralytics
-
-    return ultralytics
 
 
 @dataclass(frozen=True)
