@@ -230,5 +230,6 @@ def test_cli_dataset_transfer_robustness_demo_take_the_spec(monkeypatch, tmp_pat
     for argv in (["bench", "transfer", "--victims", "yolov3", "--attacks", "rad:stepz=2"],
                  ["bench", "robustness", "--models", "ssd_vgg", "--attacks", "clean,cls:steps=x"],
                  ["dataset", "--data", "shapes-val", "--out", str(tmp_path / "e"), "--attack", "rad:m=x"],
-                 ["demo", "--attacks", "dfool:technique=QQ"]):
+                 ["demo", "--attacks", "dfool:technique=QQ"],
+                 ["analyze", "confidence", "--model", "ssd_vgg", "--attacks", "cls:stepz=1", "--out", str(tmp_path)]):
         assert "error: attack '" in _one_line_error(runner.invoke(app, argv, terminal_width=200))

@@ -47,7 +47,7 @@ def test_run_demo_tables_notes_and_report(tiny, tmp_path):
     # RAD's Loc row is loc-shift (loc is A_loc), at RAD's setting (step 2, 10 steps by default; here 1 step)
     loc = next(r for r in t["rows"] if r["label"] == "loc-shift")
     assert loc["settings"] == {"steps": 1, "eps": 16.0}  # step: loc-shift's default, RAD's 2
-    assert loc["perturbation"]["linf_max"] <= 2
+    assert 0 < loc["perturbation"]["linf_max"] <= 16  # mean_abs update: one step may reach eps
     # what is not there is a note, not a crash
     assert any("not-registered" in n for n in notes)
     assert any(n.startswith("robustness table skipped") for n in notes)

@@ -205,8 +205,9 @@ class EnsembleAttack(Attack):
             raise UnknownNameError(f"ensemble {label}: unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
         cls = ATTACKS[attack]
         if cls.surrogate_kind != "detector":
-            raise EnsembleError(f"ensemble {label}: {attack!r} attacks a {cls.surrogate_kind} surrogate, not a "
-                                f"detector; an ensemble of detectors takes detector attacks")
+            what = "an image classifier" if cls.surrogate_kind == "classifier" else "no model"
+            raise EnsembleError(f"ensemble {label}: {attack!r} attacks {what}; an ensemble of detectors takes "
+                                f"detector attacks")
         if getattr(cls, "ensemble_native", False):
             raise EnsembleError(f"ensemble {label}: {attack!r} is itself an ensemble attack; name the attack "
                                 f"to average (e.g. pgd)")

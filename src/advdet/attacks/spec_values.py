@@ -110,7 +110,12 @@ def convert(attack: str, key: str, raw: str, ann: Any) -> Any:
         if type(None) in args and text.lower() in _NONE:
             return None
         rest = [a for a in args if a is not type(None)]
-        for a in sorted(rest, key=lambda a: a is str):  # str last: "8" is the int 8, "auto" the text
+        def order(a: Any) -> int:  # "8" is the int 8, "auto" the text, "[a,b]" a list, "a" the text
+            if typing.get_origin(a) in (list, tuple, collections.abc.Sequence):
+                return 0 if text.startswith("[") else 2
+            return 1 if a is str else 0
+
+        for a in sorted(rest, key=order):
             try:
                 return convert(attack, key, text, a)
             except OptionError:

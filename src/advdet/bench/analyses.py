@@ -145,7 +145,12 @@ def _setup(model: str, detector: Detector | None, weights, allow_untrained: bool
 
 def _craft(detector: Detector, attack: str, xs: list[torch.Tensor], tgs: list[list[dict]], *, eps: float,
            steps: int | None, seed: int) -> tuple[list[torch.Tensor], dict]:
-    atk = build_table_attack(attack, detector, eps=eps, steps=steps, seed=seed)
+    """``attack``: a spec (``mtd``, ``cls:steps=5,technique=MI``; ``advdet.attacks.spec``) at the table's
+    budget (``build_table_attack``), the spec's settings over it."""
+    from advdet.attacks.spec import AttackSpec
+
+    spec = AttackSpec.parse(attack, extra_names=("clean",))
+    atk = build_table_attack(spec.name, detector, eps=eps, steps=steps, seed=seed, overrides=spec.kwargs)
     if atk is None:
         raise ValueError("the analyses need an attack, not 'clean'")
     out, start = [], 0

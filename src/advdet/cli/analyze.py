@@ -12,9 +12,9 @@ import typer
 from rich.table import Table
 
 from advdet.cli.app import analyze_app, console, resolve_device
+from advdet.cli.options import SPEC_HELP, AllowUntrained, Device, WeightsFile, WeightsMap
 
 _MODEL = typer.Option(..., help="Zoo name (e.g. ssd_vgg-mtd, robustdet) or torchvision:BUILDER.")
-_WEIGHTS = typer.Option(None, help="Weights file (default: the zoo's shipped weights).")
 _DATA = typer.Option("shapes-val", help="shapes-val, a COCO-format folder (with --ann) or a VOC folder.")
 _ANN = typer.Option(None, help="COCO instances JSON for an images folder.")
 _LIMIT = typer.Option(16, help="Use the first N images.")
@@ -23,8 +23,6 @@ _EPS = typer.Option(8.0, help="Linf budget of the attack, 0-255 units (step = ep
 _STEPS = typer.Option(None, help="Attack iterations (default: the attack's, 20 for PGD/MTD).")
 _SEED = typer.Option(0, help="Attack seed.")
 _OUT = typer.Option(..., help="Output folder for NAME.png and NAME.json.")
-_DEVICE = typer.Option(None, help="cuda or cpu (default: cuda when present).")
-_UNTRAINED = typer.Option(False, help="Allow a model without trained weights (random init).")
 
 
 def _run(fn: Callable, **kw) -> dict:
@@ -47,14 +45,14 @@ def _print_result(res: dict, title: str, columns: tuple[str, ...], rows: list[tu
 
 
 @analyze_app.command("loss-change")
-def loss_change_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+def loss_change_cmd(model: str = _MODEL, weights: WeightsFile = None, data: str = _DATA,
                     ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
-                    attack: str = typer.Option("mtd", help="Attack crafting the adversarial images."),
+                    attack: str = typer.Option("mtd", help=f"Attack crafting the adversarial images: {SPEC_HELP}."),
                     eps: float = _EPS, steps: Optional[int] = _STEPS,
                     lr: float = typer.Option(1e-3, help="SGD learning rate of the probe step."),
                     probe_steps: int = typer.Option(1, help="SGD steps of the probe update (the paper's m)."),
                     bins: int = typer.Option(30, help="Histogram bins."), seed: int = _SEED, out: Path = _OUT,
-                    device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+                    device: Device = None, allow_untrained: AllowUntrained = False) -> None:
     """Fig. 3: per-image loss change on one batch after an SGD step on another batch (clean or adversarial)."""
     from advdet.bench.analyses import run_loss_change
 
@@ -69,11 +67,11 @@ def loss_change_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, dat
 
 
 @analyze_app.command("entanglement")
-def entanglement_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+def entanglement_cmd(model: str = _MODEL, weights: WeightsFile = None, data: str = _DATA,
                      ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
-                     attack: str = typer.Option("mtd", help="Attack crafting the adversarial images."),
+                     attack: str = typer.Option("mtd", help=f"Attack crafting the adversarial images: {SPEC_HELP}."),
                      eps: float = _EPS, steps: Optional[int] = _STEPS, seed: int = _SEED, out: Path = _OUT,
-                     device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+                     device: Device = None, allow_untrained: AllowUntrained = False) -> None:
     """Fig. 4: per-layer gradient entanglement R = g_clean . g_adv / |g_adv|^2."""
     from advdet.bench.analyses import run_entanglement
 
@@ -87,18 +85,20 @@ def entanglement_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, da
 
 
 @analyze_app.command("confidence")
-def confidence_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data: str = _DATA,
+def confidence_cmd(model: str = _MODEL, weights: WeightsFile = None, data: str = _DATA,
                    ann: Optional[Path] = _ANN, limit: int = _LIMIT, batch_size: int = _BATCH,
-                   attacks: str = typer.Option("cls,loc", help="Comma list of attacks besides clean."),
+                   attacks: str = typer.Option("cls,loc", help=f"Comma list of attacks besides clean; each {SPEC_HELP}."),
                    eps: float = _EPS, steps: Optional[int] = _STEPS,
                    thresh: float = typer.Option(0.3, help="Keep detections with confidence >= this (paper: 0.3)."),
                    bins: int = typer.Option(14, help="Histogram bins between thresh and 1."), seed: int = _SEED,
-                   out: Path = _OUT, device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+                   out: Path = _OUT, device: Device = None, allow_untrained: AllowUntrained = False) -> None:
     """Fig. 7c: distribution of detection confidences on clean, A_cls and A_loc images."""
     from advdet.bench.analyses import run_confidence
     from advdet.bench.robustness_columns import attack_label
 
-    attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    from advdet.attacks.spec import parse_attack_list
+
+    attack_list = [str(s) for s in parse_attack_list(attacks, extra_names=("clean",))]  # one line on a bad spec
     res = _run(run_confidence, model=model, data=data, out_dir=out, weights=weights, ann=ann, limit=limit,
                batch_size=batch_size, attacks=attack_list, eps=eps, steps=steps, thresh=thresh, bins=bins, seed=seed,
                device=resolve_device(device), allow_untrained=allow_untrained)
@@ -113,15 +113,14 @@ def confidence_cmd(model: str = _MODEL, weights: Optional[Path] = _WEIGHTS, data
 def relevance_similarity_cmd(
         models: str = typer.Option(..., help="Comma list of at least 2 detectors: zoo names (e.g. "
                                              "yolov3,ssd_vgg,fcos) or torchvision:BUILDER."),
-        weights: list[str] = typer.Option([], help="NAME=PATH weights for a model (repeatable); default: the "
-                                                   "zoo's shipped weights."),
+        weights: WeightsMap = [],
         data: str = _DATA, ann: Optional[Path] = _ANN, limit: int = _LIMIT,
         batch_size: int = typer.Option(4, help="Images per batch (per model)."),
         top: int = typer.Option(20, help="Target nodes T per image: each model's top-m cls nodes (RAD's m)."),
         variant: str = typer.Option("paper", help="SGLRP head: paper (eq. 2) or rad_code (RAD's released code)."),
         gradient: str = typer.Option("abs", help="Baseline input-gradient map: abs (sum over RGB of |grad|) or "
                                                  "signed (sum over RGB of grad)."),
-        out: Path = _OUT, device: Optional[str] = _DEVICE, allow_untrained: bool = _UNTRAINED) -> None:
+        out: Path = _OUT, device: Device = None, allow_untrained: AllowUntrained = False) -> None:
     """RAD Fig. 1: Spearman and cosine correlation of the multi-node SGLRP maps (and of input-gradient maps,
     the baseline) between every pair of detectors on clean images, on the original image grid."""
     from advdet.bench.relevance_similarity import KINDS, run_relevance_similarity

@@ -13,12 +13,13 @@ import typer
 from rich.table import Table
 
 from advdet.cli.app import app, console, print_data_report, resolve_device
+from advdet.cli.options import Device, WeightsFile
 
 
 @app.command("eval")
 def eval_cmd(model: str = typer.Option(..., help="Zoo name, torchvision:BUILDER, darknet:yolov3, "
                                        "ultralytics:YAML|FILE.pt or hf:CONFIG|DIR."),
-             weights: Optional[Path] = typer.Option(None, help="Weights file (default: the zoo's)."),
+             weights: WeightsFile = None,
              data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder."),
              ann: Optional[Path] = typer.Option(None, help="COCO instances JSON for an images folder."),
              size: Optional[int] = typer.Option(None, help="Letterbox size (default: the model's input size)."),
@@ -26,7 +27,7 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name, torchvision:BUILDER,
              batch_size: int = typer.Option(8, min=1, help="Images per forward pass."),
              json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
              predictions: Optional[Path] = typer.Option(None, help="Write detections in COCO results format."),
-             device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+             device: Device = None,
              skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing.")) -> None:
     """COCO box (and mask) mAP of a model on a COCO-format dataset."""
     from advdet.data.errors import DatasetError

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from advdet.cli.app import app, console, resolve_device
+from advdet.cli.options import AllowUntrained, Device, Threads, WeightsFile, apply_threads
 from advdet.data.errors import AdvdetError
 
 
@@ -22,7 +23,7 @@ def explain_cmd(
                                   "hf:CONFIG|DIR."),
         image: Path = typer.Option(..., help="Image file (any format PIL reads; converted to RGB)."),
         out: Path = typer.Option(..., help="Output PNG."),
-        weights: Optional[Path] = typer.Option(None, help="Weights file (default: the zoo's)."),
+        weights: WeightsFile = None,
         nodes: int = typer.Option(20, help="m: the multi-node map is over the m most confident boxes."),
         boxes: int = typer.Option(3, help="Single boxes (distinct objects) that get their own SGLRP map."),
         node_type: str = typer.Option("cls", help="cls, loc or size (RAD Table 1)."),
@@ -32,11 +33,10 @@ def explain_cmd(
         num_classes: Optional[int] = typer.Option(None, help="Classes of a torchvision:BUILDER model "
                                                   "(default: its COCO layout)."),
         score_thresh: float = typer.Option(0.3, help="Draw the predicted boxes with at least this score."),
-        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+        device: Device = None,
         seed: int = typer.Option(0, help="Seed of the random init of models without weights."),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's; 1 is far "
-                                              "faster on a machine busy with other jobs)."),
-        untrained: bool = typer.Option(False, hidden=True, help="Untrained zoo model (tests)."),
+        threads: Threads = 0,
+        untrained: AllowUntrained = False,
 ) -> None:
     """Relevance figure of one image: predictions, single-box SGLRP maps, Multi-Node SGLRP map."""
     import torch
@@ -54,8 +54,7 @@ def explain_cmd(
     if variant not in ("paper", "rad_code"):
         raise AdvdetError(f"--variant must be 'paper' or 'rad_code', got {variant!r}")
     arr, _ = read_image_rgb(image)
-    if threads is not None:
-        torch.set_num_threads(max(1, threads))
+    apply_threads(threads)
     torch.manual_seed(seed)
     if is_external(model):
         det = build_model(model, weights=weights, num_classes=num_classes, input_size=size)
