@@ -40,11 +40,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from advdet.attacks import build_attack
-from advdet.attacks.losses import BATCH_MEAN_FAMILIES
 from advdet.data.coco import CocoDetection
 from advdet.data.collate import collate_detection
 from advdet.data.io import atomic_write_json
 from advdet.data.shapes import write_shapes_split
+from advdet.models.detector import Detector
 from advdet.models.zoo import build_model, zoo_entries
 
 EPS, STEP, STEPS, BATCH = 8.0, 2.0, 10, 8
@@ -56,10 +56,10 @@ def _sync(dev: torch.device) -> None:
 
 
 def _loss_path(model) -> str:
-    if hasattr(model, "per_image_loss") or getattr(model, "family", None) in BATCH_MEAN_FAMILIES:
+    """``batched`` where the family declares a batch-mean loss or overrides ``Detector.per_image_loss`` with
+    its own (one forward pass), else ``per-image`` (the contract's default loop)."""
+    if model.loss_is_batch_mean or type(model).per_image_loss is not Detector.per_image_loss:
         return "batched"
-    if hasattr(model, "multibox_loss") and hasattr(model, "encode_targets"):
-        return "batched"  # SSD-VGG: one forward, per-image multibox sums
     return "per-image"
 
 

@@ -14,7 +14,7 @@ from torchvision.ops import box_iou, nms
 from advdet.attacks.base import Attack, eval_mode
 from advdet.attacks.losses import gather_candidates, top_candidates
 from advdet.attacks.pgd import resolve_targets
-from advdet.attacks.proposals import clean_proposals, dense_at, rpn_settings
+from advdet.attacks.proposals import clean_proposals, dense_at, is_two_stage, rpn_settings
 from advdet.attacks.transforms import GradientTransform
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ class DAG(Attack):
 
     def clean_dense(self, x: torch.Tensor):
         """The dense output of the clean batch; two-stage: with the reference's RPN settings."""
-        rpn = getattr(getattr(self.model, "model", None), "rpn", None)
-        pre = None if rpn is None else max(int(rpn._pre_nms_top_n["testing"]), self.num_candidates)
+        current = self.model.proposal_settings() if is_two_stage(self.model) else None
+        pre = None if current is None else max(current.pre_nms_top_n, self.num_candidates)
         with rpn_settings(self.model, nms_thresh=self.rpn_nms, pre_nms_top_n=pre,
                           post_nms_top_n=self.num_candidates):
             return self.model.dense(x)

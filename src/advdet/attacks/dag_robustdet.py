@@ -14,14 +14,14 @@ from advdet.attacks.update_rules import direction
 from advdet.attacks.pgd import resolve_targets
 from advdet.attacks.proposals import clean_proposals, dense_at
 from advdet.models.box_ops import match_priors
-from advdet.models.detector import DenseOutput
+from advdet.models.detector import DenseOutput, Detector
 
 
 class RobustDetDAG(Attack):
     """DAG as RobustDet evaluates it (``attack/DAG.py`` of the reference code; ALGORITHMS.md 1.6, Table 1).
 
     - Labels: every dense candidate (prior) gets its label from ground-truth matching, background = 0
-      (SSD-family detectors: their own prior matching ``encode_targets``, IoU 0.5; other families: SSD
+      (families with a fixed assignment: their own matching ``Detector.match_targets``, SSD: IoU 0.5; others: SSD
       matching of ``dense.anchors`` at IoU 0.5; two-stage detectors: the proposals of the clean image,
       kept fixed as ``advdet.attacks.proposals`` does for the registry's DAG). Ground truth = ``targets``, or the clean predictions
       (score >= 0.5, at least the top 1) when ``targets=None``.
@@ -62,11 +62,9 @@ class RobustDetDAG(Attack):
     def prior_labels(self, x: torch.Tensor, targets: list[dict], dense: DenseOutput) -> torch.Tensor:
         """(B, N) label of every candidate from ground-truth matching, 0 = background, k + 1 = class k."""
         n = dense.logits.shape[1]
-        enc = getattr(self.model, "encode_targets", None)
-        if callable(enc):
-            labels = enc(targets)[1]
-            if labels.shape == (x.shape[0], n):
-                return labels.to(x.device).long()
+        labels = self.model.match_targets(targets) if isinstance(self.model, Detector) else None
+        if labels is not None and labels.shape == (x.shape[0], n):  # the family's own matching
+            return labels.to(x.device).long()
         out = []
         for i, t in enumerate(targets):
             gt = t["boxes"].to(dense.anchors)

@@ -1,17 +1,12 @@
 """Per-image detector losses and shared helpers of the detector attacks.
 
 Normalisation (why batch 8 equals batch 1): every loss here is computed per image exactly as for a
-batch of that image alone, i.e. normalised by *that image's* number of positives (SSD) or not
-normalised across images (other families), and attacks sum them over the batch. SSD's
-``multibox_loss`` normalises by the positives of the whole batch, even with ``reduction="none"``, so
-for SSD-VGG one forward pass is followed by one ``multibox_loss`` call per image slice; for other
-families ``detector.loss`` is called once per image (B forward passes), unless the detector offers a
-``per_image_loss(x, targets) -> dict[str, (B,)]`` method.
-
-The gradient of a loss-based attack only needs the *sum* over the batch (``total_losses``). For the
-families in ``BATCH_MEAN_FAMILIES`` the loss of a batch is the mean over its images of the loss of each
-image alone, so that sum is ``B * loss(batch)``: one batched forward and backward pass, and the same
-gradient as the per-image calls (the model is in eval mode, so images do not interact).
+batch of that image alone, and attacks sum them over the batch. How is the detector's knowledge
+(the Detector contract's capabilities, models/detector.py): ``Detector.per_image_loss`` (a loop over the
+images by default, one batched pass where the family overrides it) and ``Detector.total_loss`` (the sum
+over the batch; ``B * loss(batch)`` in one pass for families that declare ``loss_is_batch_mean``: the
+gradient of a loss-based attack only needs that sum). A model that is not a :class:`Detector` but has a
+``loss`` is called once per image.
 """
 
 from __future__ import annotations
@@ -22,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from advdet.models.detector import Detector, loop_per_image_loss
+
 #: loss names of the Detector contract counted as classification (A_cls) and localization (A_loc):
 #: objectness (YOLO ``obj``, Faster R-CNN ``rpn_obj``) is the background/foreground part of the
 #: classification confidence, like SSD's background column. Localization includes the box terms that
@@ -30,42 +27,23 @@ CLS_KEYS = ("cls", "obj", "rpn_obj")
 LOC_KEYS = ("loc", "rpn_loc", "dfl", "giou")
 
 
-def _is_ssd_vgg(detector: Any) -> bool:
-    return hasattr(detector, "multibox_loss") and hasattr(detector, "raw") and hasattr(detector, "encode_targets")
-
-
 def per_image_losses(detector: Any, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-    """The detector's losses per image: name -> (B,), each as if the image were its own batch."""
+    """The detector's losses per image: name -> (B,), each as if the image were its own batch
+    (``Detector.per_image_loss``)."""
     if len(targets) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
-    if hasattr(detector, "per_image_loss"):
+    if isinstance(detector, Detector):
         return detector.per_image_loss(x, targets)
-    if _is_ssd_vgg(detector):
-        loc, conf = detector.raw(x)
-        parts = [detector.multibox_loss(loc[i:i + 1], conf[i:i + 1], [targets[i]]) for i in range(x.shape[0])]
-    else:
-        parts = [detector.loss(x[i:i + 1], [targets[i]]) for i in range(x.shape[0])]
-    keys = parts[0].keys()
-    return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in keys}
-
-
-#: families whose ``loss(batch)`` is the mean over the images of ``loss(image alone)`` (model in eval
-#: mode): torchvision RetinaNet (per-image focal / L1 sums over that image's foreground, averaged over
-#: the images), YOLOv3 (sums over candidates divided by B), torchvision Faster R-CNN (means over the same
-#: number of sampled anchors and ROIs per image, 128 by default, which every image fills in practice).
-#: Not FCOS or torchvision SSD (normalised by the foreground count of the whole batch), nor Mask R-CNN
-#: (mask loss averaged over the positive ROIs of the whole batch).
-BATCH_MEAN_FAMILIES = ("retinanet", "yolov3", "faster_rcnn")
+    return loop_per_image_loss(detector.loss, x, targets)
 
 
 def total_losses(detector: Any, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-    """The sum over the batch of ``per_image_losses`` (name -> 0-dim tensor); one batched call,
-    ``B * detector.loss(x, targets)``, for the families of ``BATCH_MEAN_FAMILIES``."""
+    """The sum over the batch of ``per_image_losses`` (name -> 0-dim tensor): ``Detector.total_loss``, one
+    batched call for the families whose loss is a batch mean."""
     if len(targets) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
-    if not hasattr(detector, "per_image_loss") and getattr(detector, "family", None) in BATCH_MEAN_FAMILIES:
-        b = x.shape[0]
-        return {k: v * b for k, v in detector.loss(x, list(targets)).items()}
+    if isinstance(detector, Detector):
+        return detector.total_loss(x, list(targets))
     return {k: v.sum() for k, v in per_image_losses(detector, x, targets).items()}
 
 
@@ -80,20 +58,18 @@ def sum_keys(losses: dict[str, torch.Tensor], keys: tuple[str, ...] | None) -> t
 def cwa_loss(detector: Any, x: torch.Tensor, targets: list[dict]) -> torch.Tensor:
     """Class-wise loss of CWA (Chen et al. 2021; ALGORITHMS.md 1.6), per image (B,).
 
-    SSD-VGG: loss per positive prior = CE(conf) + sum Smooth-L1(loc), negatives unused; averaged over the
-    priors of each matched ground-truth class, then over the classes present. Other families (an
-    approximation, no per-prior losses in the contract): for each class present, the family's
-    ``cls + loc`` losses with the targets of that class only, averaged over the classes present.
-    An image without targets scores 0.
+    Families with per-prior losses (``Detector.positive_prior_losses``, SSD-VGG: CE(conf) + sum
+    Smooth-L1(loc) on each positive prior, negatives unused): averaged over the priors of each matched
+    ground-truth class, then over the classes present. Other families (an approximation, no per-prior
+    losses in the contract): for each class present, the family's ``cls + loc`` losses with the targets of
+    that class only, averaged over the classes present. An image without targets scores 0.
     """
     b = x.shape[0]
-    if _is_ssd_vgg(detector):
-        loc, conf = detector.raw(x)
-        loc_t, cls_t = detector.encode_targets(targets)
+    prior = detector.positive_prior_losses(x, targets) if isinstance(detector, Detector) else None
+    if prior is not None:
+        per, cls_t = prior
         pos = cls_t > 0
-        ce = F.cross_entropy(conf.reshape(-1, conf.shape[-1]), cls_t.reshape(-1), reduction="none").view(pos.shape)
-        per = (ce + F.smooth_l1_loss(loc, loc_t, reduction="none").sum(-1)) * pos
-        onehot = F.one_hot(cls_t, conf.shape[-1]).to(per.dtype) * pos[..., None]  # (B, P, K+1)
+        onehot = F.one_hot(cls_t, detector.num_classes + 1).to(per.dtype) * pos[..., None]  # (B, P, K+1)
         sums = torch.einsum("bp,bpc->bc", per, onehot)
         counts = onehot.sum(1)
         present = counts > 0

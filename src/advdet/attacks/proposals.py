@@ -11,19 +11,19 @@ supports with ``dense(x, proposals=...)``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
 
-from advdet.models.detector import DenseOutput
+from advdet.models.detector import DenseOutput, Detector
 
 __all__ = ["is_two_stage", "clean_proposals", "dense_at", "rpn_settings"]
 
 
 def is_two_stage(detector: Any) -> bool:
-    """True for detectors whose dense candidates are input-dependent RPN proposals (torchvision R-CNNs)."""
-    return getattr(getattr(detector, "model", None), "rpn", None) is not None
+    """True for detectors whose dense candidates are input-dependent proposals (``Detector.two_stage``)."""
+    return isinstance(detector, Detector) and detector.two_stage
 
 
 def clean_proposals(detector: Any, dense: DenseOutput) -> list[torch.Tensor] | None:
@@ -42,21 +42,12 @@ def dense_at(detector: Any, x: torch.Tensor, proposals: list[torch.Tensor] | Non
 @contextmanager
 def rpn_settings(detector: Any, *, nms_thresh: float | None = None, pre_nms_top_n: int | None = None,
                  post_nms_top_n: int | None = None) -> Iterator[None]:
-    """Temporarily change the eval-mode proposal settings of a two-stage detector's RPN (no-op for
-    one-stage detectors): DAG's reference computes 3000 proposals with NMS 0.9 (ALGORITHMS.md 2.5).
-    ``pre_nms_top_n`` is per feature level (torchvision's convention)."""
-    rpn = getattr(getattr(detector, "model", None), "rpn", None)
-    if rpn is None:
+    """Temporarily change the eval-mode proposal settings of a two-stage detector
+    (``Detector.use_proposal_settings``; a no-op for one-stage detectors): DAG's reference computes 3000
+    proposals with NMS 0.9 (ALGORITHMS.md 2.5). ``pre_nms_top_n`` is per feature level (torchvision's
+    convention)."""
+    ctx = (detector.use_proposal_settings(nms_thresh=nms_thresh, pre_nms_top_n=pre_nms_top_n,
+                                          post_nms_top_n=post_nms_top_n)
+           if is_two_stage(detector) else nullcontext())
+    with ctx:
         yield
-        return
-    saved = (rpn.nms_thresh, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"])
-    try:
-        if nms_thresh is not None:
-            rpn.nms_thresh = float(nms_thresh)
-        if pre_nms_top_n is not None:
-            rpn._pre_nms_top_n["testing"] = int(pre_nms_top_n)
-        if post_nms_top_n is not None:
-            rpn._post_nms_top_n["testing"] = int(post_nms_top_n)
-        yield
-    finally:
-        rpn.nms_thresh, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = saved

@@ -55,17 +55,18 @@ def trained_detectors() -> list[str]:
 
 
 def robust_models() -> list[str]:
-    """Robust zoo models with shipped weights (names ``ssd_vgg-*`` / ``robustdet*``), preceded by the zoo
-    ``ssd_vgg`` baseline when it is trained; empty when no robust model is trained."""
+    """Robust zoo models with shipped weights (detectors trained by an adversarial method: ``ssd_vgg-*``,
+    ``robustdet*``), preceded by the trained zoo model they start from (``ssd_vgg``), the standard
+    baseline; empty when no robust model is trained."""
     from advdet.models.zoo import zoo_entries
 
     entries = zoo_entries()
-    robust = [e.name for e in entries
-              if e.trained and (e.name.startswith("ssd_vgg-") or e.name.startswith("robustdet"))]
+    robust = [e for e in entries if e.trained and e.kind == "detector" and e.method != "standard"]
     if not robust:
         return []
-    base = [e.name for e in entries if e.name == "ssd_vgg" and e.trained]
-    return base + robust
+    inits = {e.init for e in robust if e.init is not None}
+    base = [e.name for e in entries if e.name in inits and e.trained]
+    return base + [e.name for e in robust]
 
 
 def run_demo(out: str | Path | None = "advdet-report", *, limit: int = DEMO_LIMIT,

@@ -10,6 +10,12 @@ wrapper normalises internally, so gradients reach raw pixels.
   and ``loc`` (plus family-specific terms). ``targets`` is a list of dicts with ``boxes`` (N, 4) xyxy in
   input pixels and ``labels`` (N,) int64 contiguous (``masks`` (N, S, S) for mask models).
 - ``model``: the wrapped ``nn.Module``, so relevance rules can be applied to its layers.
+- capabilities (family knowledge, declared by each family and read by attacks / relevance, which never
+  ask which family a detector is): ``per_image_loss`` / ``total_loss`` with ``loss_is_batch_mean`` (losses
+  per image, batched where the family allows it), ``positive_prior_losses`` and ``match_targets``
+  (prior-matching families), ``two_stage`` with ``proposal_settings`` / ``use_proposal_settings``
+  (input-dependent proposals), ``DenseOutput.box_deltas`` (the typed raw box regression),
+  ``objectness_nodes`` and ``relevance_passthrough`` (relevance). Each has a default here.
 - ``feature_layers() -> dict[str, nn.Module]``: the backbone maps that feature-level attacks (``osfd``)
   distort, by qualified module name inside the detector (family knowledge: each family declares its own;
   the base raises :class:`FeatureLayerError`); ``features(x, layers)`` returns their outputs for ``x``,
@@ -18,8 +24,9 @@ wrapper normalises internally, so gradients reach raw pixels.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +58,11 @@ class DenseOutput:
     anchors: (B, N, 4) the prior / anchor / proposal boxes the candidates were decoded from.
     objectness: (B, N) objectness (YOLO) or centerness (FCOS) logits, else None.
     valid: (B, N) bool; False marks padding (two-stage models pad proposals to a common N).
+    box_deltas: the raw box-regression outputs the boxes were decoded from, in the family's own
+        parametrisation (YOLO tx, ty, tw, th; SSD / RetinaNet / R-CNN dx, dy, dw, dh; FCOS l, t, r, b
+        distances): (B, N, 4), or (B, N, C, 4) for class-specific regression with one row per logits
+        column (two-stage models); None where the family has none. Read it through
+        :meth:`candidate_box_deltas`. (A legacy ``extra["bbox_regression"]`` fills it when not given.)
     extra: family-specific tensors (e.g. per-level candidate counts, class-specific boxes).
     """
 
@@ -61,10 +73,27 @@ class DenseOutput:
     objectness: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    box_deltas: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.valid is None:
             self.valid = torch.ones(self.logits.shape[:2], dtype=torch.bool, device=self.logits.device)
+        if self.box_deltas is None and isinstance(self.extra.get("bbox_regression"), torch.Tensor):
+            self.box_deltas = self.extra["bbox_regression"]
+        if self.box_deltas is not None and (self.box_deltas.shape[:2] != self.logits.shape[:2]
+                                            or self.box_deltas.shape[-1] != 4 or self.box_deltas.ndim not in (3, 4)):
+            raise ValueError(f"box_deltas must be (B, N, 4) or (B, N, C, 4) for logits {tuple(self.logits.shape)}, "
+                             f"got {tuple(self.box_deltas.shape)}")
+
+    def candidate_box_deltas(self) -> torch.Tensor | None:
+        """(B, N, 4) the raw box regression of each candidate (class-specific regression: the row of the
+        candidate's best foreground class by ``class_probs``), or None where the family has none."""
+        d = self.box_deltas
+        if d is None or d.ndim == 3:
+            return d
+        b, n = d.shape[:2]
+        col = self.class_probs().detach().argmax(-1) + (1 if self.score_mode == "softmax_bg" else 0)
+        return d.gather(2, col[..., None, None].expand(b, n, 1, 4)).squeeze(2)
 
     @property
     def num_classes(self) -> int:
@@ -90,8 +119,27 @@ class DenseOutput:
             return t.detach() if isinstance(t, torch.Tensor) else t
 
         return replace(self, logits=d(self.logits), boxes=d(self.boxes), anchors=d(self.anchors),
-                       objectness=d(self.objectness), valid=d(self.valid),
+                       objectness=d(self.objectness), valid=d(self.valid), box_deltas=d(self.box_deltas),
                        extra={k: d(v) for k, v in self.extra.items()})
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Eval-mode proposal settings of a two-stage detector: NMS IoU among proposals, candidates kept per
+    feature level before that NMS, proposals kept after it (torchvision's RPN conventions)."""
+
+    nms_thresh: float
+    pre_nms_top_n: int
+    post_nms_top_n: int
+
+
+def loop_per_image_loss(loss: Callable[[torch.Tensor, list[dict]], dict[str, torch.Tensor]], x: torch.Tensor,
+                        targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """``loss`` called once per image (a batch of one): name -> (B,)."""
+    if len(targets) != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
+    parts = [loss(x[i:i + 1], [targets[i]]) for i in range(x.shape[0])]
+    return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in parts[0]}
 
 
 @dataclass(frozen=True)
@@ -133,12 +181,30 @@ def postprocess_dense(dense: DenseOutput, cfg: NMSConfig, image_size: int) -> li
 class Detector(nn.Module):
     """Base class of every wrapped detector; subclasses implement ``dense``, ``predict`` and ``loss``.
 
-    Attributes: ``family`` (str), ``num_classes`` (K, foreground only), ``input_size`` (S),
-    ``model`` (the wrapped module), ``has_masks``.
+    Attributes: ``family`` (str, a label for cards and messages: nothing outside models/ branches on it),
+    ``num_classes`` (K, foreground only), ``input_size`` (S), ``model`` (the wrapped module), ``has_masks``.
+
+    Capabilities (class attributes and methods below, each with a default; a family overrides what it
+    knows): ``loss_is_batch_mean``, ``per_image_loss``, ``total_loss``, ``positive_prior_losses``,
+    ``match_targets``, ``two_stage``, ``proposal_settings``, ``use_proposal_settings``,
+    ``objectness_nodes``, ``relevance_passthrough``, ``feature_layers``.
     """
 
     family: str = "detector"
     has_masks: bool = False
+    #: ``loss(batch)`` is the mean over its images of ``loss(image alone)`` (model in eval mode), so the
+    #: batch total of the per-image losses is ``B * loss(batch)``: one batched pass (``total_loss``).
+    #: False where the family normalises over the whole batch (e.g. by its foreground count).
+    loss_is_batch_mean: ClassVar[bool] = False
+    #: the dense candidates are input-dependent proposals (two-stage models): ``dense(x, proposals=...)``
+    #: evaluates the head on given per-image proposals, and ``proposal_settings`` /
+    #: ``use_proposal_settings`` read and change how proposals are made.
+    two_stage: ClassVar[bool] = False
+    #: a candidate's class node (RAD) is its objectness logit, ranked by objectness (YOLO-style detectors)
+    objectness_nodes: ClassVar[bool] = False
+    #: module types of this family whose relevance passes to their (single) input unchanged (norm-like
+    #: modules written as plain arithmetic, e.g. SSD's L2Norm)
+    relevance_passthrough: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, model: nn.Module, num_classes: int, input_size: int):
         super().__init__()
@@ -155,6 +221,44 @@ class Detector(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    # -- losses per image -----------------------------------------------------------------------------------
+    def per_image_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """The losses of each image as if it were its own batch: name -> (B,). Default: ``loss`` once per
+        image; families override it with one batched pass where they can."""
+        return loop_per_image_loss(self.loss, x, targets)
+
+    def total_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """The sum over the batch of ``per_image_loss`` (name -> 0-dim tensor): ``B * loss(x, targets)`` in
+        one pass where ``loss_is_batch_mean``, else ``per_image_loss(x, targets)`` summed."""
+        if len(targets) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
+        if self.loss_is_batch_mean:
+            b = x.shape[0]
+            return {k: v * b for k, v in self.loss(x, list(targets)).items()}
+        return {k: v.sum() for k, v in self.per_image_loss(x, targets).items()}
+
+    def positive_prior_losses(self, x: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For families that match ground truth to fixed priors: (loss of each prior (B, P), zero on
+        non-positive priors; its matched class (B, P), 0 = background, k + 1 = class k), as CWA groups
+        them. None (default) where the contract has no per-prior losses."""
+        return None
+
+    def match_targets(self, targets: list[dict]) -> torch.Tensor | None:
+        """(B, N) the class each dense candidate is assigned by the family's own training matching (0 =
+        background, k + 1 = class k), or None (default) where the family has no fixed assignment."""
+        return None
+
+    # -- two-stage proposals -----------------------------------------------------------------------------------
+    def proposal_settings(self) -> ProposalSettings | None:
+        """The current eval-mode proposal settings (two-stage models), None for one-stage models."""
+        return None
+
+    @contextmanager
+    def use_proposal_settings(self, *, nms_thresh: float | None = None, pre_nms_top_n: int | None = None,
+                              post_nms_top_n: int | None = None) -> Iterator[None]:
+        """Temporarily change the eval-mode proposal settings (None: keep); a no-op for one-stage models."""
+        yield
 
     # -- backbone features (feature-level attacks) -------------------------------------------------------
     def feature_layers(self) -> dict[str, nn.Module]:

@@ -133,7 +133,19 @@ class RobustSSD(Detector):
     encode_targets = SSDVGG.encode_targets
     multibox_loss = SSDVGG.multibox_loss
     postprocess = SSDVGG.postprocess
+    # ... and the SSD's capabilities (per-image multibox losses, prior matching, L2Norm pass-through)
+    per_image_loss = SSDVGG.per_image_loss
+    positive_prior_losses = SSDVGG.positive_prior_losses
+    match_targets = SSDVGG.match_targets
+    relevance_passthrough = SSDVGG.relevance_passthrough
     feature_layers = SSDVGG.feature_layers  # the same ReLUs of conv4_3 and conv7 in the dynamic-conv VGG
+
+    def ssd_architecture(self) -> SSDVGG:
+        """A fresh :class:`SSDVGG` (random weights) of the architecture this RobustSSD was built from, e.g. to
+        read an SSD checkpoint before converting it."""
+        return SSDVGG(self.num_classes, self.input_size, width=self.width, min_sizes=self.min_sizes,
+                      max_sizes=self.max_sizes, nms=self.nms, neg_pos_ratio=self.neg_pos_ratio,
+                      iou_threshold=self.iou_threshold)
 
     @property
     def has_cfr(self) -> bool:
@@ -156,7 +168,7 @@ class RobustSSD(Detector):
         boxes = ssd_decode(loc, self.priors[None])
         anchors = cxcywh_to_xyxy(self.priors)[None].expand(x.shape[0], -1, -1)
         return DenseOutput(logits=conf, boxes=boxes, anchors=anchors, score_mode="softmax_bg",
-                           extra={"loc": loc, "pi": out["pi"]})
+                           box_deltas=loc, extra={"loc": loc, "pi": out["pi"]})
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> list[dict]:

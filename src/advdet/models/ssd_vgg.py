@@ -167,9 +167,15 @@ class SSDVGG(Detector):
     score > 0.01, per-class NMS at 0.45 over the best 2000 (prior, class) pairs, at most 100 detections
     per image. ``loss``: {"loc": Smooth-L1 on positives / N, "cls": CE on positives and 3:1 hard
     negatives / N}, N = positives in the batch (ALGORITHMS.md 1.1).
+
+    Capabilities: ``per_image_loss`` is one forward pass and one multibox loss per image slice (the loss
+    normalises by the positives of the batch, so a batched loss is not a mean of per-image ones);
+    ``positive_prior_losses`` and ``match_targets`` come from the prior matching; ``dense().box_deltas`` are
+    the raw loc offsets; relevance passes through ``L2Norm``.
     """
 
     family = "ssd_vgg"
+    relevance_passthrough = (L2Norm,)
 
     def __init__(self, num_classes: int, input_size: int = 300, width: float = 1.0,
                  min_sizes: tuple[float, ...] | None = None, max_sizes: tuple[float, ...] | None = None,
@@ -203,7 +209,7 @@ class SSDVGG(Detector):
         boxes = ssd_decode(loc, self.priors[None])
         anchors = cxcywh_to_xyxy(self.priors)[None].expand(b, -1, -1)
         return DenseOutput(logits=conf, boxes=boxes, anchors=anchors, score_mode="softmax_bg",
-                           extra={"loc": loc})
+                           box_deltas=loc, extra={"loc": loc})
 
     def postprocess(self, dense: DenseOutput) -> list[dict]:
         return postprocess_dense(dense, self.nms, self.input_size)
@@ -258,6 +264,27 @@ class SSDVGG(Detector):
     def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         loc, conf = self.raw(x)
         return self.multibox_loss(loc, conf, targets)
+
+    def per_image_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """One forward pass, then the multibox loss of each image slice as if it were its own batch (B,)."""
+        if len(targets) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {len(targets)} targets")
+        loc, conf = self.raw(x)
+        parts = [self.multibox_loss(loc[i:i + 1], conf[i:i + 1], [targets[i]]) for i in range(x.shape[0])]
+        return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in parts[0]}
+
+    def positive_prior_losses(self, x: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prior CE(conf) + sum Smooth-L1(loc) on positive priors (0 elsewhere; negatives unused) (B, P),
+        and the matched class of each prior (B, P), 0 = background."""
+        loc, conf = self.raw(x)
+        loc_t, cls_t = self.encode_targets(targets)
+        pos = cls_t > 0
+        ce = F.cross_entropy(conf.reshape(-1, conf.shape[-1]), cls_t.reshape(-1), reduction="none").view(pos.shape)
+        return (ce + F.smooth_l1_loss(loc, loc_t, reduction="none").sum(-1)) * pos, cls_t
+
+    def match_targets(self, targets: list[dict]) -> torch.Tensor:
+        """(B, P) the class of every prior by SSD's own matching (IoU ``iou_threshold``), 0 = background."""
+        return self.encode_targets(targets)[1]
 
 
 def ssd_vgg16(*, num_classes: int = 20, input_size: int = 300) -> SSDVGG:

@@ -77,9 +77,15 @@ class YOLOv3Detector(Detector):
     pixels (positive width and height; G may be 0) and ``labels`` (G,) int64 in 0..K-1. Returns
     scalar tensors ``loc`` (xy BCE + wh squared error), ``obj`` and ``cls`` (see the module docstring),
     each summed over candidates and divided by B; the training loss is their sum.
+
+    Capabilities: ``loss_is_batch_mean`` (sums over candidates divided by B: the loss of a batch is the mean
+    of its images' losses); ``objectness_nodes`` (RAD's class node is the objectness logit);
+    ``dense().box_deltas`` = ``raw[..., :4]`` (tx, ty, tw, th).
     """
 
     family = "yolov3"
+    loss_is_batch_mean = True
+    objectness_nodes = True
 
     def __init__(self, model: YOLOv3Net, num_classes: int, input_size: int,
                  anchors: Sequence[Sequence[float]] | None = None,
@@ -142,7 +148,7 @@ class YOLOv3Detector(Detector):
         logits, obj = raw[..., 5:], raw[..., 4]
         check_finite("yolov3.dense", logits=logits, objectness=obj, boxes=boxes)
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid",
-                           objectness=obj, extra={
+                           objectness=obj, box_deltas=raw[..., :4], extra={
                                "raw": raw, "num_per_level": [h * w * a for h, w in sizes],
                                "strides": [x.shape[-1] / w for _, w in sizes], "sizes": sizes})
 

@@ -17,10 +17,9 @@ families; as RAD's RetinaNet code, whose outputs were post-sigmoid probabilities
 otherwise (YOLO-style objectness nodes, softmax families). The difference matters through the ReLU:
 a logit below 0 (a box with score < 0.5) carries no relevance at all, a probability always does.
 
-Box regression columns are the raw regression outputs: YOLO ``extra["raw"][..., :4]`` (tx, ty, tw, th),
-our SSD ``extra["loc"]``, torchvision one-stage ``extra["bbox_regression"]`` (RetinaNet / SSD deltas
-dx, dy, dw, dh; FCOS distances l, t, r, b), two-stage ``extra["box_regression"]`` (the deltas of each
-proposal's argmax class).
+Box regression columns are the raw regression outputs the family declares as ``DenseOutput.box_deltas``
+(YOLO tx, ty, tw, th; SSD / RetinaNet dx, dy, dw, dh; FCOS distances l, t, r, b; two-stage: the deltas
+of each proposal's argmax class).
 
 Node sets (RAD Table 1 and Table 7)
 -----------------------------------
@@ -28,7 +27,7 @@ Node sets (RAD Table 1 and Table 7)
 - ``kind="dynamic"``: every candidate whose pre-softmax confidence (the logit of its node) exceeds
   ``threshold`` (RAD Table 7: -1, -2, -3), at most ``max_nodes`` (the most confident).
 - node types: ``"cls"`` one node per box: the class logit of the candidate's argmax class, or for
-  YOLO-style detectors (``cls_node="auto"`` and family ``yolo*``) its objectness logit, ranked by
+  YOLO-style detectors (``cls_node="auto"`` and ``Detector.objectness_nodes``) its objectness logit, ranked by
   objectness (ALGORITHMS.md 2.3); ``"loc"`` two nodes per box, box columns 0 and 1 (centre offsets);
   ``"size"`` two nodes per box, box columns 2 and 3 (size offsets; for FCOS the r, b distances).
 - confidence: the objectness logit for objectness nodes, else the best foreground class probability
@@ -151,26 +150,9 @@ class NodeSet:
 
 
 def box_regression(detector: Detector, dense: DenseOutput) -> torch.Tensor | None:
-    """(B, N, 4) the raw box-regression outputs of each candidate, or None if the family has none."""
-    ex = dense.extra
-    if "raw" in ex and ex["raw"].shape[-1] >= 4:
-        return ex["raw"][..., :4]
-    if "loc" in ex:
-        return ex["loc"]
-    if "bbox_regression" in ex:
-        return ex["bbox_regression"]
-    if "box_regression" in ex:
-        br = ex["box_regression"]
-        b, n, cc = br.shape
-        br = br.reshape(b, n, cc // 4, 4)
-        best = dense.class_probs().detach().argmax(-1)
-        tv = getattr(detector, "tv_label_of", None)
-        if tv is not None:
-            col = tv.to(best.device)[best]
-        else:
-            col = best + (1 if dense.score_mode == "softmax_bg" else 0)
-        return br.gather(2, col[..., None, None].expand(b, n, 1, 4)).squeeze(2)
-    return None
+    """(B, N, 4) the raw box-regression outputs of each candidate (``DenseOutput.box_deltas``, the row of
+    the best foreground class for class-specific regression), or None if the family has none."""
+    return dense.candidate_box_deltas()
 
 
 def output_vector(detector: Detector, dense: DenseOutput, include_boxes: bool = True) -> OutputVector:
@@ -231,7 +213,7 @@ def _uses_objectness(detector: Detector, dense: DenseOutput, cls_node: ClsNode) 
         return True
     if cls_node == "class":
         return False
-    return dense.objectness is not None and str(getattr(detector, "family", "")).startswith("yolo")
+    return dense.objectness is not None and isinstance(detector, Detector) and detector.objectness_nodes
 
 
 def reference_rank_column(detector: Detector, dense: DenseOutput, ov: OutputVector, cls_node: ClsNode = "auto") -> int:

@@ -166,13 +166,6 @@ def resolve_init(init: str | os.PathLike) -> Path:
     return entry.weights_path
 
 
-def _ssd_like(robust: RobustSSD) -> SSDVGG:
-    """A plain SSDVGG with the architecture a RobustSSD was built from."""
-    return SSDVGG(robust.num_classes, robust.input_size, width=robust.width, min_sizes=robust.min_sizes,
-                  max_sizes=robust.max_sizes, nms=robust.nms, neg_pos_ratio=robust.neg_pos_ratio,
-                  iou_threshold=robust.iou_threshold)
-
-
 def prepare_model(method: str, model: str | torch.nn.Module, init: str | os.PathLike | None = None, *,
                   seed: int = 0, cfg: MethodConfig | None = None) -> torch.nn.Module:
     """The detector that ``method`` trains: ``model`` (zoo name or module) initialised from ``init``.
@@ -209,7 +202,7 @@ def prepare_model(method: str, model: str | torch.nn.Module, init: str | os.Path
         if set(state) == set(det.state_dict()):
             load_weights(det, path)
             return det
-        ssd = _ssd_like(det)
+        ssd = det.ssd_architecture()
         load_weights(ssd, path)
         torch.manual_seed(seed)
         return robustdet_from_ssd(ssd, K=det.K, cfr=m.cfr, aid=cfg.aid)

@@ -55,6 +55,17 @@ def _loss_mode(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def check_degenerate(tv_targets: list[dict]) -> None:
+    """torchvision's training-forward check of the (transformed) target boxes, with its message; used by
+    the batched per-image losses, which call the model's parts instead of its forward (one image each,
+    so the index is 0 as in a forward on that image alone)."""
+    for t in tv_targets:
+        bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(1)
+        if bad.any():
+            torch._assert(False, "All bounding boxes should have positive height and width. Found invalid box "
+                                 f"{t['boxes'][bad][0].tolist()} for target at index 0.")
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     with _restore_modes(model):
@@ -287,7 +298,8 @@ class OneStageDetector(TorchvisionDetector):
         extra = {"num_per_level": num_per_level(feats, n), "bbox_regression": reg}
         if not self._identity:
             extra["tv_logits"] = tv_logits
-        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode=self.score_mode, extra=extra)
+        return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode=self.score_mode,
+                           box_deltas=reg, extra=extra)
 
     def _finish(self, dets: list[dict], b: int) -> list[dict]:
         sizes = self._sizes(b)

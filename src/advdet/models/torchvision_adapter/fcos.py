@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from advdet.models.detector import DenseOutput, check_finite
-from advdet.models.torchvision_adapter.base import OneStageDetector
+from advdet.models.torchvision_adapter.base import OneStageDetector, _loss_mode, check_degenerate
 
 
 class FCOSDetector(OneStageDetector):
@@ -20,6 +20,11 @@ class FCOSDetector(OneStageDetector):
     - ``predict(x)`` / ``postprocess(dense)``: torchvision's per-level top-k, class-wise NMS.
     - ``loss``: ``cls`` (focal, ``classification``), ``loc`` (GIoU, ``bbox_regression``), ``ctrness``
       (BCE, ``bbox_ctrness``).
+
+    Capabilities: ``per_image_loss`` in one batched pass (FCOS normalises its losses by the foreground
+    count of the whole batch, so the batch loss is not a mean of per-image losses: one backbone and head
+    pass over the batch, then torchvision's ``compute_loss`` on each image's slice, as for that image
+    alone); ``dense().box_deltas`` the raw l, t, r, b distances.
     """
 
     family = "fcos"
@@ -41,7 +46,27 @@ class FCOSDetector(OneStageDetector):
         if not self._identity:
             extra["tv_logits"] = tv_logits
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="sigmoid", objectness=ctr,
-                           extra=extra)
+                           box_deltas=reg, extra=extra)
+
+    def per_image_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Each image's losses as if it were its own batch (name -> (B,)): ``FCOS.forward``'s training branch
+        on the batch up to the head outputs, then ``compute_loss`` per image slice."""
+        self.check_input(x)
+        if len(targets) != x.shape[0]:
+            raise ValueError(f"got {x.shape[0]} images but {len(targets)} targets")
+        m = self.model
+        tv_targets = [self._to_tv_target(t, x.device) for t in targets]
+        with _loss_mode(m):
+            images, tv_targets = m.transform(list(x), tv_targets)
+            check_degenerate(tv_targets)
+            feats = m.backbone(images.tensors)
+            feats = list(feats.values()) if isinstance(feats, dict) else [feats]
+            head = m.head(feats)
+            anchors = m.anchor_generator(images, feats)
+            per_level = [f.size(2) * f.size(3) for f in feats]
+            parts = [m.compute_loss([tv_targets[i]], {k: v[i:i + 1] for k, v in head.items()}, [anchors[i]],
+                                    per_level) for i in range(x.shape[0])]
+        return {self.loss_names.get(k, k): torch.stack([p[k].reshape(()) for p in parts]) for k in parts[0]}
 
     @torch.no_grad()
     def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from advdet.models.detector import DenseOutput, NMSConfig, check_finite
-from advdet.models.torchvision_adapter.base import TorchvisionDetector
+from advdet.models.detector import DenseOutput, NMSConfig, ProposalSettings, check_finite
+from advdet.models.torchvision_adapter.base import TorchvisionDetector, _loss_mode, check_degenerate, eval_mode
 
 
 class FasterRCNNDetector(TorchvisionDetector):
@@ -31,9 +32,16 @@ class FasterRCNNDetector(TorchvisionDetector):
     - ``predict(x)`` / ``postprocess(dense)``: torchvision's ``roi_heads.postprocess_detections``.
     - ``loss``: ``cls`` (``loss_classifier``), ``loc`` (``loss_box_reg``), ``rpn_obj`` (``loss_objectness``),
       ``rpn_loc`` (``loss_rpn_box_reg``) [, ``mask`` (``loss_mask``)].
+
+    Capabilities: ``two_stage`` (``dense(x, proposals=...)``, ``proposal_settings`` /
+    ``use_proposal_settings`` on the RPN's eval-mode settings); ``loss_is_batch_mean`` (means over the same
+    number of sampled anchors and ROIs per image, 128 by default, which every image fills in practice);
+    ``dense().box_deltas`` (B, N, K + 1, 4): the raw deltas of each logits column.
     """
 
     family = "faster_rcnn"
+    two_stage = True
+    loss_is_batch_mean = True
     score_mode = "softmax_bg"
     background = True
     loss_names = {"loss_classifier": "cls", "loss_box_reg": "loc", "loss_objectness": "rpn_obj",
@@ -91,12 +99,15 @@ class FasterRCNNDetector(TorchvisionDetector):
         n = anchors.shape[1]
         valid = torch.arange(n, device=x.device)[None] < torch.tensor(counts, device=x.device)[:, None]
         check_finite(type(self).__name__, logits=logits, boxes=boxes)
-        extra = {"class_boxes": class_boxes, "box_regression": pad(box_regression), "num_proposals": counts,
+        padded_reg = pad(box_regression)
+        cols = torch.cat([self.tv_label_of.new_zeros(1), self.tv_label_of])  # our logits columns, bg first
+        box_deltas = padded_reg.view(*padded_reg.shape[:2], c, 4)[:, :, cols]  # (B, N, K + 1, 4)
+        extra = {"class_boxes": class_boxes, "box_regression": padded_reg, "num_proposals": counts,
                  "proposal_scores": pad_sequence(prop_scores, batch_first=True), "rpn_objectness": rpn_obj}
         if not self._identity:
             extra["tv_logits"] = tv_logits
         return DenseOutput(logits=logits, boxes=boxes, anchors=anchors, score_mode="softmax_bg", valid=valid,
-                           extra=extra)
+                           box_deltas=box_deltas, extra=extra)
 
     @torch.no_grad()
     def postprocess(self, dense: DenseOutput, x: torch.Tensor | None = None) -> list[dict]:
@@ -126,6 +137,55 @@ class FasterRCNNDetector(TorchvisionDetector):
         for p, d in zip(probs, dets):
             d["masks"] = p
 
+    def per_image_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Each image's losses as if it were its own batch (name -> (B,)): one backbone pass over the batch,
+        then, image by image, torchvision's training forward from the features on (transform, RPN, ROI
+        heads), so the random anchor / ROI sampling draws exactly what one ``loss`` call per image draws."""
+        self.check_input(x)
+        if len(targets) != x.shape[0]:
+            raise ValueError(f"got {x.shape[0]} images but {len(targets)} targets")
+        m = self.model
+        tv_targets = [self._to_tv_target(t, x.device) for t in targets]
+        parts = []
+        with _loss_mode(m):
+            with eval_mode(m.transform):  # no random size draw here: the per-image transforms below draw
+                images = m.transform(list(x))[0]
+            feats = m.backbone(images.tensors)
+            if isinstance(feats, torch.Tensor):
+                feats = OrderedDict([("0", feats)])
+            for i in range(x.shape[0]):
+                img_i, tgt_i = m.transform([x[i]], [tv_targets[i]])
+                check_degenerate(tgt_i)
+                feats_i = OrderedDict((k, v[i:i + 1]) for k, v in feats.items())
+                proposals, rpn_losses = m.rpn(img_i, feats_i, tgt_i)
+                _, det_losses = m.roi_heads(feats_i, proposals, img_i.image_sizes, tgt_i)
+                raw = {**det_losses, **rpn_losses}  # GeneralizedRCNN's order
+                parts.append({self.loss_names.get(k, k): v for k, v in raw.items()})
+        return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in parts[0]}
+
+    def proposal_settings(self) -> ProposalSettings:
+        """The RPN's eval-mode settings (``pre_nms_top_n`` is per feature level, torchvision's convention)."""
+        rpn = self.model.rpn
+        return ProposalSettings(nms_thresh=float(rpn.nms_thresh), pre_nms_top_n=int(rpn._pre_nms_top_n["testing"]),
+                                post_nms_top_n=int(rpn._post_nms_top_n["testing"]))
+
+    @contextmanager
+    def use_proposal_settings(self, *, nms_thresh: float | None = None, pre_nms_top_n: int | None = None,
+                              post_nms_top_n: int | None = None) -> Iterator[None]:
+        """Temporarily change the RPN's eval-mode settings (None: keep), restored on exit."""
+        rpn = self.model.rpn
+        saved = (rpn.nms_thresh, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"])
+        try:
+            if nms_thresh is not None:
+                rpn.nms_thresh = float(nms_thresh)
+            if pre_nms_top_n is not None:
+                rpn._pre_nms_top_n["testing"] = int(pre_nms_top_n)
+            if post_nms_top_n is not None:
+                rpn._post_nms_top_n["testing"] = int(post_nms_top_n)
+            yield
+        finally:
+            rpn.nms_thresh, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = saved
+
     def nms_config(self) -> NMSConfig:
         rh = self.model.roi_heads
         return NMSConfig(score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh,
@@ -148,3 +208,5 @@ class MaskRCNNDetector(FasterRCNNDetector):
 
     family = "mask_rcnn"
     has_masks = True
+    #: the mask loss is averaged over the positive ROIs of the whole batch: not a mean of per-image losses
+    loss_is_batch_mean = False

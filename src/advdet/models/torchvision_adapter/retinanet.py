@@ -19,9 +19,13 @@ class RetinaNetDetector(OneStageDetector):
       ``tv_logits`` (B, N, 91) for COCO-layout models.
     - ``predict(x)`` / ``postprocess(dense)``: torchvision's per-level top-k, class-wise NMS.
     - ``loss``: ``cls`` (focal loss, torchvision ``classification``), ``loc`` (L1, ``bbox_regression``).
+
+    Capabilities: ``loss_is_batch_mean`` (per-image focal / L1 sums over that image's foreground, averaged
+    over the images); ``dense().box_deltas`` the raw deltas.
     """
 
     family = "retinanet"
+    loss_is_batch_mean = True
     score_mode = "sigmoid"
     background = False
     loss_names = {"classification": "cls", "bbox_regression": "loc"}

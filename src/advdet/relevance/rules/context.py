@@ -92,7 +92,8 @@ class LRPContext:
 
     ``x`` must be exactly the tensor passed to the forward (or the tensor its normalisation starts from);
     it must have a ``grad_fn`` or be a leaf requiring grad. ``module`` (optional) is searched for
-    norm-like modules to pass through (FrozenBatchNorm2d, L2Norm and ``rules.passthrough_modules``).
+    norm-like modules to pass through (FrozenBatchNorm2d, a detector's ``relevance_passthrough`` and
+    ``rules.passthrough_modules``).
     ``true_calls``: exact mode, the calls recorded by a plain pass (use :func:`trace_forward`).
     The rules stay attached to the traced graph after the context exits, so the backward pass may run
     later; ``stats`` tells what was met.
@@ -115,7 +116,7 @@ class LRPContext:
     # -- context ------------------------------------------------------------------------------------
     def __enter__(self) -> "LRPContext":
         if self.module is not None and self.rules.norm == "pass":
-            types = default_passthrough_modules() + tuple(self.rules.passthrough_modules)
+            types = default_passthrough_modules(self.module) + tuple(self.rules.passthrough_modules)
             for m in self.module.modules():
                 if types and isinstance(m, types):
                     self._handles.append(m.register_forward_hook(self._passthrough_hook))

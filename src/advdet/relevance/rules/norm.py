@@ -1,4 +1,5 @@
-"""Normalisation layers (BatchNorm, FrozenBatchNorm, GroupNorm, LayerNorm, InstanceNorm, SSD's L2Norm):
+"""Normalisation layers (BatchNorm, FrozenBatchNorm, GroupNorm, LayerNorm, InstanceNorm, and the norm-like
+modules a detector declares in ``Detector.relevance_passthrough``, e.g. SSD's L2Norm):
 relevance passed through unchanged (``norm="pass"``, the reference) or routed by the gradient
 (``norm="gradient"``, see :mod:`.smooth`). Functionals are intercepted by the context; norm-like modules
 written as plain arithmetic are hooked by module type (:func:`default_passthrough_modules`)."""
@@ -28,18 +29,22 @@ class PassThrough(torch.autograd.Function):
         return rel, None
 
 
-def default_passthrough_modules() -> tuple[type, ...]:
+def default_passthrough_modules(module: object = None) -> tuple[type, ...]:
+    """Norm-like module types passed through for any network (torchvision's ``FrozenBatchNorm2d``), plus
+    those declared by the detectors in ``module`` (``Detector.relevance_passthrough``, e.g. SSD's L2Norm;
+    ``module`` itself or, for an ensemble, its members)."""
+    from advdet.models.detector import Detector
+
     types: list[type] = []
     try:
         from torchvision.ops import FrozenBatchNorm2d
         types.append(FrozenBatchNorm2d)
     except ImportError:  # pragma: no cover
         pass
-    try:
-        from advdet.models.ssd_vgg import L2Norm
-        types.append(L2Norm)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(module, torch.nn.Module):
+        for m in module.modules():
+            if isinstance(m, Detector):
+                types.extend(t for t in m.relevance_passthrough if t not in types)
     return tuple(types)
 
 
