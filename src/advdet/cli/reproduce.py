@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from advdet.cli.app import app, console, resolve_device
+from advdet.cli.options import Device
 
 
 @app.command("reproduce")
@@ -25,7 +26,7 @@ def reproduce_cmd(
         batch_size: int = typer.Option(8, help="Images per batch."),
         seed: int = typer.Option(0, help="Attack seed."),
         n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the intervals and verdicts."),
-        device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present).")) -> None:
+        device: Device = None) -> None:
     """Regenerate a paper's tables from the shipped zoo, with a verdict per claim (holds / fails / undecided
     from 95 % bootstrap intervals). Resumable: a step whose JSON is in OUT is not computed again."""
     from advdet.bench.reproduce import reproduce, reproduce_command

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from advdet.cli.app import app, console, parse_overrides
+from advdet.cli.options import Device, Threads
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -53,13 +54,13 @@ def train_cmd(
     attack: Optional[str] = typer.Option(None, help="Override the method's training attack (cls, loc, pgd, mtd, cwa)."),
     set_: list[str] = typer.Option([], "--set", help="Override any TrainConfig/MethodConfig field, e.g. "
                                    "--set optimizer=adamw --set triplet=paper."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Threads = 0,
     max_minutes: Optional[float] = typer.Option(None, help="Stop (and checkpoint) after this wall time."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N updates."),
     evaluate: bool = typer.Option(False, "--eval/--no-eval", help="Evaluate clean COCO mAP at the end."),
     eval_data: str = typer.Option("shapes-val", help="Dataset for --eval."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate the first N images only."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+    device: Device = None,
     skip_bad: bool = typer.Option(False, help="Skip and count bad images instead of failing."),
 ) -> None:
     """Train a detector with a method; writes checkpoints, weights (safetensors) and a JSON card.

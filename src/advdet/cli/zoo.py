@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from advdet.cli.app import console, parse_overrides, zoo_app
+from advdet.cli.options import Threads
 
 
 @zoo_app.command("list")
@@ -55,7 +56,7 @@ def zoo_train(name: str = typer.Argument(..., help="Zoo entry to reproduce."),
               run_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default $ADVDET_HOME/runs/NAME)."),
               resume: bool = typer.Option(False, help="Continue from the last checkpoint."),
               set_: list[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set epochs=2."),
-              threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+              threads: Threads = 0,
               device: str = typer.Option("cpu", help="Train on cpu or cuda (evaluation runs on the CPU)."),
               workers: int = typer.Option(1, help="Processes that render the procedural pretraining set "
                                           "(backbone entries; the same images for any count).")) -> None:
@@ -98,7 +99,7 @@ def zoo_docs(out: Path = typer.Option(Path("docs/zoo.md"), help="The page to wri
 def zoo_compact(names: list[str] = typer.Argument(None, help="Zoo entries (default: every trained entry)."),
                 out: Optional[Path] = typer.Option(None, help="Where to write NAME.safetensors and NAME.json "
                                                    "(default: the package's zoo_weights)."),
-                threads: Optional[int] = typer.Option(None, help="torch CPU threads.")) -> None:
+                threads: Threads = 0) -> None:
     """Store shipped weights in their entry's storage dtype (float16; int8 for the robust entries) and
     re-measure their cards (old metrics kept as shapes_val_OLDDTYPE)."""
     import torch
