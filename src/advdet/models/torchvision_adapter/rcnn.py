@@ -138,9 +138,10 @@ class FasterRCNNDetector(TorchvisionDetector):
             d["masks"] = p
 
     def per_image_loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Each image's losses as if it were its own batch (name -> (B,)): one backbone pass over the batch,
-        then, image by image, torchvision's training forward from the features on (transform, RPN, ROI
-        heads), so the random anchor / ROI sampling draws exactly what one ``loss`` call per image draws."""
+        """Each image's losses as if it were its own batch (name -> (B,)): one backbone and RPN-head pass over
+        the batch (proposals included), then, image by image, torchvision's training steps that draw at
+        random or normalise (transform, RPN anchor sampling and loss, ROI heads), in the order one ``loss``
+        call per image makes them, so the random anchor / ROI sampling draws exactly what it draws."""
         self.check_input(x)
         if len(targets) != x.shape[0]:
             raise ValueError(f"got {x.shape[0]} images but {len(targets)} targets")
@@ -153,13 +154,25 @@ class FasterRCNNDetector(TorchvisionDetector):
             feats = m.backbone(images.tensors)
             if isinstance(feats, torch.Tensor):
                 feats = OrderedDict([("0", feats)])
-            for i in range(x.shape[0]):
+            # RegionProposalNetwork.forward up to its losses, on the batch (no random draw before the losses)
+            rpn, fl, b = m.rpn, list(feats.values()), x.shape[0]
+            objectness, deltas = rpn.head(fl)
+            anchors = rpn.anchor_generator(images, fl)
+            per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+            objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # image-major rows
+            decoded = rpn.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
+            proposals, _ = rpn.filter_proposals(decoded, objectness, images.image_sizes, per_level)
+            a = objectness.shape[0] // b
+            for i in range(b):
                 img_i, tgt_i = m.transform([x[i]], [tv_targets[i]])
                 check_degenerate(tgt_i)
+                labels, matched = rpn.assign_targets_to_anchors([anchors[i]], tgt_i)
+                reg_targets = rpn.box_coder.encode(matched, [anchors[i]])
+                rows = slice(i * a, (i + 1) * a)
+                l_obj, l_reg = rpn.compute_loss(objectness[rows], deltas[rows], labels, reg_targets)
                 feats_i = OrderedDict((k, v[i:i + 1]) for k, v in feats.items())
-                proposals, rpn_losses = m.rpn(img_i, feats_i, tgt_i)
-                _, det_losses = m.roi_heads(feats_i, proposals, img_i.image_sizes, tgt_i)
-                raw = {**det_losses, **rpn_losses}  # GeneralizedRCNN's order
+                _, det_losses = m.roi_heads(feats_i, [proposals[i]], img_i.image_sizes, tgt_i)
+                raw = {**det_losses, "loss_objectness": l_obj, "loss_rpn_box_reg": l_reg}  # GeneralizedRCNN's order
                 parts.append({self.loss_names.get(k, k): v for k, v in raw.items()})
         return {k: torch.stack([p[k].reshape(()) for p in parts]) for k in parts[0]}
 
