@@ -64,6 +64,7 @@ def test_transforms_with_settings_build_fresh_instances():
     ("rad:technique=SI(scalez=2)", "unknown option 'scalez'; valid: scales"),
     ("gaussian:technique=SI", "attack 'gaussian': unknown option 'technique'; valid: sigma, eps"),
     ("rad:rules=x", "attack 'rad': rules='x' is not LRPRules or none"),
+    ("dag-eps:gamma=2", "attack 'dag-eps': unknown option 'gamma'; valid:"),  # its step is DAG's gamma
 ])
 def test_spec_errors_name_the_attack_and_the_key(text, message):
     with pytest.raises(OptionError) as err:

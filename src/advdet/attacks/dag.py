@@ -191,10 +191,11 @@ class DAGEps(DAG):
     stops early when no candidate is still predicted as its original label."""
 
     name = "dag-eps"
+    fixed_options = ("gamma",)  # DAG's step size, set from ``step``: the attack spec refuses it
     description = "DAG with RAD's eps-bounded update (eq. 5): eps 16, step 2, 10 steps"
 
     def __init__(self, model, *, eps: float | None = 16.0, step: float = 2.0, steps: int = 10,
                  update: str = "mean_abs", **kw):
         """RAD's settings (eps 16, step 2 as DAG's gamma, 10 steps, eq. 5 update); every other keyword is
-        :class:`DAG`'s, with its defaults."""
+        :class:`DAG`'s, with its defaults; DAG's ``gamma`` is ``step`` here (``fixed_options``)."""
         super().__init__(model, steps=steps, gamma=step, eps=eps, update=update, **kw)

@@ -69,7 +69,9 @@ def _init_chain(cls: type) -> list:
 
 @functools.lru_cache(maxsize=None)
 def attack_parameters(cls: type) -> dict[str, Param]:
-    """The keyword parameters of an attack class (the model argument left out), with their annotations."""
+    """The keyword parameters of an attack class (the model argument left out), with their annotations;
+    a class's ``fixed_options`` (keywords of a base that it sets itself) are left out."""
+    fixed = set(getattr(cls, "fixed_options", ()))
     params: dict[str, Param] = {}
     for init in _init_chain(cls):
         try:
@@ -79,7 +81,7 @@ def attack_parameters(cls: type) -> dict[str, Param]:
         for i, (name, p) in enumerate(inspect.signature(init).parameters.items()):
             if i < 2 and p.kind is p.POSITIONAL_OR_KEYWORD:  # self, model
                 continue
-            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in params:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in params or name in fixed:
                 continue
             params[name] = Param(name, hints.get(name, Any), p.default)
     return params
