@@ -1,5 +1,5 @@
 """Shared test settings: one torch thread (tiny tensors run far faster on a busy 2-core machine), and a
-private $ADVDET_HOME so tests never touch the user's cache."""
+private $ADVDET_HOME so tests never touch the user's cache; ``block_network`` for tests that must run offline."""
 
 import os
 
@@ -25,3 +25,17 @@ def random_batchnorm(channels: int) -> torch.nn.BatchNorm2d:
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.3, 0.3)
     return bn
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args[:2]}")
+
+
+def block_network(mp: pytest.MonkeyPatch) -> None:
+    """Make every socket connection, send and name lookup fail the test (the adapters must build offline)."""
+    import socket
+
+    for name in ("connect", "connect_ex", "sendto"):
+        mp.setattr(socket.socket, name, _no_network)
+    mp.setattr(socket, "getaddrinfo", _no_network)
+    mp.setattr(socket, "create_connection", _no_network)

@@ -7,10 +7,10 @@ Every socket call fails during these tests, model construction included: nothing
 from __future__ import annotations
 
 import importlib.util
-import socket
 
 import pytest
 import torch
+from conftest import block_network
 
 if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("scipy") is None:
     pytest.skip("the hf extra is not installed (advdet[hf])", allow_module_level=True)
@@ -19,26 +19,15 @@ S = 128
 K = 4
 
 
-def _no_network(*args, **kwargs):
-    raise AssertionError(f"network access attempted: {args[:2]}")
-
-
-def _guard(mp: pytest.MonkeyPatch) -> None:
-    for name in ("connect", "connect_ex", "sendto"):
-        mp.setattr(socket.socket, name, _no_network)
-    mp.setattr(socket, "getaddrinfo", _no_network)
-    mp.setattr(socket, "create_connection", _no_network)
-
-
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    _guard(monkeypatch)
+    block_network(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def hf():
     with pytest.MonkeyPatch.context() as mp:
-        _guard(mp)
+        block_network(mp)
         from advdet.models import hf_rtdetr
 
         hf_rtdetr.import_transformers()
@@ -48,7 +37,7 @@ def hf():
 @pytest.fixture(scope="module")
 def det(hf):
     with pytest.MonkeyPatch.context() as mp:
-        _guard(mp)
+        block_network(mp)
         torch.manual_seed(0)
         return hf.rtdetr_detector("rtdetr_tiny", num_classes=K, input_size=S)
 

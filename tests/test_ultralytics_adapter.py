@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import block_network
 
 if importlib.util.find_spec("ultralytics") is None:  # pytest.importorskip would import it before $ADVDET_HOME
     pytest.skip("the ultralytics extra is not installed (advdet[ultralytics])", allow_module_level=True)
@@ -26,27 +27,16 @@ S = 128
 K = 4
 
 
-def _no_network(*args, **kwargs):
-    raise AssertionError(f"network access attempted: {args[:2]}")
-
-
-def _guard(mp: pytest.MonkeyPatch) -> None:
-    for name in ("connect", "connect_ex", "sendto"):
-        mp.setattr(socket.socket, name, _no_network)
-    mp.setattr(socket, "getaddrinfo", _no_network)
-    mp.setattr(socket, "create_connection", _no_network)
-
-
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    _guard(monkeypatch)
+    block_network(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def ul():
     """The adapter module, ultralytics imported under the network guard."""
     with pytest.MonkeyPatch.context() as mp:
-        _guard(mp)
+        block_network(mp)
         from advdet.models import ultralytics_adapter as ula
 
         ula.import_ultralytics()
