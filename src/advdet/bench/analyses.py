@@ -1,17 +1,9 @@
 """The analyses of RobustDet section 3.2 and 5.3 (Dong, Wei, Lin, ECCV 2022): does learning clean images
 conflict with learning adversarial images?
 
-- **Loss change** (Fig. 3, :func:`loss_change`): per image, how the detection loss of a batch changes
-  after the model takes a step on *another* batch of clean (or adversarial) images. Four panels:
-  ``clean->clean``, ``clean->adv``, ``adv->clean``, ``adv->adv`` (the paper shows the first three).
-  Positive values mean the step made that image worse: ``clean->adv > 0`` for most images means the two
-  objectives conflict.
-- **Gradient entanglement** (Fig. 4, :func:`gradient_entanglement`): per layer l,
-  ``R_l = g1 . g2 / |g2|^2`` with ``g1 = d L_clean / d theta_l`` and ``g2 = d L_adv / d theta_l``
-  (flattened over the layer's weight and bias). R < 0: the clean and adversarial gradients conflict;
-  R ~ 0: they are disentangled (orthogonal); R ~ 1: entangled (the same direction).
-- **Confidence distribution** (Fig. 7c, :func:`confidence_distribution`): the scores of the detections
-  above a threshold (0.3, as the paper) on clean, A_cls and A_loc images.
+The three measures, loss change (Fig. 3), gradient entanglement (Fig. 4) and the confidence
+distribution (Fig. 7c), are defined with their formulas in :mod:`advdet.bench.analyses_measures`;
+this module runs them on zoo models and draws their figures.
 
 The released RobustDet code has neither the loss-change nor the R tool (ALGORITHMS.md 1.7, ambiguity 1),
 so the protocols below follow the paper's text; their choices (probe step, images) are parameters.
