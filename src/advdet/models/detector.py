@@ -327,3 +327,21 @@ def check_finite(name: str, **tensors: torch.Tensor) -> None:
     for k, t in tensors.items():
         if t is not None and not torch.isfinite(t).all():
             raise FloatingPointError(f"{name}: non-finite values in {k} (diverged weights or bad input?)")
+
+
+def check_targets(name: str, targets: list[dict], batch: int, num_classes: int) -> None:
+    """Raise a clear error unless ``targets`` holds one ``{"boxes": (G, 4) xyxy, "labels": (G,)}`` per image
+    of the batch, with finite boxes of positive width and height and labels in ``0..num_classes-1``."""
+    if len(targets) != batch:
+        raise ValueError(f"{name}: {len(targets)} targets for a batch of {batch} images")
+    for i, t in enumerate(targets):
+        boxes, labels = t["boxes"], t["labels"]
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
+            raise ValueError(f"{name}: target {i}: boxes must be (G, 4) and labels (G,), got "
+                             f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
+        if boxes.numel() and (not torch.isfinite(boxes).all() or ((boxes[:, 2:] - boxes[:, :2]) <= 0).any()):
+            raise ValueError(f"{name}: target {i}: boxes must be finite with positive width and height (drop "
+                             f"degenerate boxes in the data pipeline)")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name}: target {i}: labels must be in 0..{num_classes - 1}, "
+                             f"got {labels.min().item()}..{labels.max().item()}")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from advdet.data.errors import AdvdetError
-from advdet.models.detector import Detector, DenseOutput, check_finite
+from advdet.models.detector import Detector, DenseOutput, check_finite, check_targets
 from advdet.models.weights import CheckpointError, load_weights
 
 __all__ = ["TransformersMissing", "RTDETR_CONFIGS", "RTDetrDetector", "available", "import_transformers",
@@ -226,20 +226,11 @@ class RTDetrDetector(Detector):
     # ------------------------------------------------------------------------------------------- loss
     def _labels(self, targets: list[dict], x: torch.Tensor) -> list[dict]:
         b, dev = x.shape[0], x.device
-        if len(targets) != b:
-            raise ValueError(f"rtdetr.loss: {len(targets)} targets for a batch of {b} images")
+        check_targets("rtdetr.loss", targets, b, self.num_classes)
         h, w = x.shape[2], x.shape[3]
         out = []
         for i, t in enumerate(targets):
             bx, lb = t["boxes"].to(dev, torch.float32), t["labels"].to(dev, torch.long)
-            if bx.ndim != 2 or bx.shape[1] != 4 or lb.shape != (bx.shape[0],):
-                raise ValueError(f"rtdetr.loss: target {i}: boxes must be (G, 4) and labels (G,), got "
-                                 f"{tuple(bx.shape)} and {tuple(lb.shape)}")
-            if lb.numel() and (lb.min() < 0 or lb.max() >= self.num_classes):
-                raise ValueError(f"rtdetr.loss: target {i}: labels must be in 0..{self.num_classes - 1}, "
-                                 f"got {lb.min().item()}..{lb.max().item()}")
-            if bx.numel() and (not torch.isfinite(bx).all() or ((bx[:, 2:] - bx[:, :2]) <= 0).any()):
-                raise ValueError(f"rtdetr.loss: target {i}: boxes must be finite with positive width and height")
             scale = bx.new_tensor([w, h, w, h])
             cxcywh = torch.cat([(bx[:, :2] + bx[:, 2:]) / 2, bx[:, 2:] - bx[:, :2]], 1) / scale
             out.append({"class_labels": lb, "boxes": cxcywh})

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from advdet.data.errors import AdvdetError
-from advdet.models.detector import Detector, DenseOutput, check_finite
+from advdet.models.detector import Detector, DenseOutput, check_finite, check_targets
 from advdet.models.ultralytics_import import UltralyticsMissing, available, import_ultralytics
 from advdet.models.weights import CheckpointError, load_weights, read_card, save_weights
 
@@ -211,21 +211,11 @@ class UltralyticsDetector(Detector):
     # ------------------------------------------------------------------------------------------- loss
     def _targets_batch(self, targets: list[dict], x: torch.Tensor) -> dict:
         b, dev = x.shape[0], x.device
-        if len(targets) != b:
-            raise ValueError(f"ultralytics.loss: {len(targets)} targets for a batch of {b} images")
+        check_targets("ultralytics.loss", targets, b, self.num_classes)
         h, w = x.shape[2], x.shape[3]
         idx, cls, boxes = [], [], []
         for i, t in enumerate(targets):
             bx, lb = t["boxes"].to(dev, torch.float32), t["labels"].to(dev)
-            if bx.ndim != 2 or bx.shape[1] != 4 or lb.shape != (bx.shape[0],):
-                raise ValueError(f"ultralytics.loss: target {i}: boxes must be (G, 4) and labels (G,), got "
-                                 f"{tuple(bx.shape)} and {tuple(lb.shape)}")
-            if lb.numel() and (lb.min() < 0 or lb.max() >= self.num_classes):
-                raise ValueError(f"ultralytics.loss: target {i}: labels must be in 0..{self.num_classes - 1}, "
-                                 f"got {lb.min().item()}..{lb.max().item()}")
-            if bx.numel() and (not torch.isfinite(bx).all() or ((bx[:, 2:] - bx[:, :2]) <= 0).any()):
-                raise ValueError(f"ultralytics.loss: target {i}: boxes must be finite with positive width and "
-                                 f"height (drop degenerate boxes in the data pipeline)")
             scale = bx.new_tensor([w, h, w, h])
             xywh = torch.cat([(bx[:, :2] + bx[:, 2:]) / 2, bx[:, 2:] - bx[:, :2]], 1) / scale
             idx.append(torch.full((len(bx),), float(i), device=dev))

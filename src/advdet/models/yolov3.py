@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from advdet.models.box_ops import cxcywh_to_xyxy
-from advdet.models.detector import Detector, DenseOutput, NMSConfig, check_finite, postprocess_dense
+from advdet.models.detector import Detector, DenseOutput, NMSConfig, check_finite, check_targets, postprocess_dense
 from advdet.models.yolov3_net import YOLOv3Net
 
 __all__ = ["COCO_ANCHORS", "ANCHOR_MASKS", "YOLO_NMS", "YOLOv3Detector", "yolov3", "yolov3_small"]
@@ -164,25 +164,9 @@ class YOLOv3Detector(Detector):
         return {f"model.stages.{i}": self.model.stages[i] for i in range(n - 3, n)}
 
     # ---------------------------------------------------------------- training loss
-    def _check_targets(self, targets: list[dict], b: int) -> None:
-        if len(targets) != b:
-            raise ValueError(f"yolov3.loss: {len(targets)} targets for a batch of {b} images")
-        for i, t in enumerate(targets):
-            boxes, labels = t["boxes"], t["labels"]
-            if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (boxes.shape[0],):
-                raise ValueError(f"yolov3.loss: target {i}: boxes must be (G, 4) and labels (G,), got "
-                                 f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
-            if boxes.numel() and (not torch.isfinite(boxes).all()
-                                  or ((boxes[:, 2:] - boxes[:, :2]) <= 0).any()):
-                raise ValueError(f"yolov3.loss: target {i}: boxes must be finite with positive width "
-                                 f"and height (drop degenerate boxes in the data pipeline)")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"yolov3.loss: target {i}: labels must be in 0..{self.num_classes - 1}, "
-                                 f"got {labels.min().item()}..{labels.max().item()}")
-
     def loss(self, x: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         b = x.shape[0]
-        self._check_targets(targets, b)
+        check_targets("yolov3.loss", targets, b, self.num_classes)
         dense = self.dense(x)
         raw = dense.extra["raw"]  # (B, N, 5+K)
         n, k, a = raw.shape[1], self.num_classes, self.model.num_anchors
