@@ -187,3 +187,25 @@ def test_the_classifier_is_resnet_pre_with_its_head(tmp_path, monkeypatch):
     want = src.half().float().state_dict()
     assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
     assert got.input_size == 256 and got(torch.rand(1, 3, 256, 256)).shape == (1, PRETRAIN_DATA["num_classes"])
+
+
+def test_vgg_pre_sees_64_px_and_starts_at_he_init():
+    """vgg_pre pretrains its BN-free VGG trunk on the 96 px set resized to 64 px, from He init (a first run
+    at PyTorch's default init and lr 2e-3 stayed at chance)."""
+    import torch.nn.functional as F
+    from advdet.models.pretrained_backbone import vgg_tiny_pretrain
+
+    torch.manual_seed(0)
+    net = vgg_tiny_pretrain(num_classes=4, input_size=96).eval()
+    x = torch.rand(2, 3, 96, 96)
+    small = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        feats, feats64 = net.features(x), net.features(small)
+    assert feats.shape == (2, 256, 4, 4)  # 64 px through the trunk (stride 16); 96 px would give 6 x 6
+    torch.testing.assert_close(feats, feats64)
+    convs = [m for m in net.body.vgg if isinstance(m, torch.nn.Conv2d)]
+    for c in convs:  # kaiming normal, fan_out: std sqrt(2 / (out_channels * k * k))
+        fan_out = c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+        assert abs(float(c.weight.detach().std()) / (2 / fan_out) ** 0.5 - 1) < 0.15
+        assert float(c.bias.detach().abs().max()) == 0.0
+    assert zoo_entry("vgg_pre").recipe["lr"] == 1e-3 and zoo_entry("vgg_pre").recipe["epochs"] == 16

@@ -172,7 +172,7 @@ def _train_backbone(entry, cfg: TrainConfig, run_dir: Path, out_dir, resume: boo
         "architecture": type(model).__name__ + "(" + type(model.body).__name__ + ")",
         "parameters": sum(p.numel() for p in model.parameters()),
         "body_parameters": sum(p.numel() for p in model.body.parameters()),
-        "input_size": s, "num_classes": model.num_classes,
+        "input_size": s, "work_size": getattr(model, "work_size", None), "num_classes": model.num_classes,
         "data": (f"procedural (advdet.data.procedural): {data['num_classes']} classes x {data['train_per_class']} "
                  f"train images, {data['size']} px, seed {data['seed']}"),
         "data_config": dict(data), "recipe": cfg.as_dict(), "command": command, "seed": cfg.seed,
