@@ -1,52 +1,24 @@
-"""Local state-dict files for torchvision models: torch.load (weights only) or safetensors, checkpoint
-wrappers and ``module.`` / ``model.`` prefixes, FrozenBatchNorm layers detected from the file, and one clear
-:class:`CheckpointError` on mismatch."""
+"""Local state-dict files for torchvision models: the project's one reader and fit check
+(:func:`advdet.models.weights.read_state_dict`, :func:`~advdet.models.weights.check_fit`) with the torchvision
+hooks around them: RetinaNet's v1 head keys upgraded as torchvision does, and FrozenBatchNorm layers detected
+from the file."""
 
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.ops import FrozenBatchNorm2d
 
-from advdet.models.weights import CheckpointError, unsafe_pickle_error  # the project's one checkpoint error
+from advdet.models.weights import CheckpointError, check_fit, match_prefixes, read_state_dict
+
+#: what a torchvision file that does not fit most likely is (the hint of its fit error)
+CLASS_LAYOUT_HINT = ("a checkpoint for another architecture, or for another number of classes: K+1 columns for "
+                     "softmax families, K for RetinaNet/FCOS, 91 for torchvision's COCO models")
 
 __all__ = ["CheckpointError", "load_state_dict_file"]
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise unsafe_pickle_error(path) from None
-    except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file name
-        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-    return dict(obj)
-
-
-def _strip_prefix(sd: dict, expected: set[str]) -> dict:
-    for prefix in ("module.", "model."):
-        if sd and all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in expected):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
 
 
 def _bn_saved_frozen(model: nn.Module, sd: dict) -> list[str]:
@@ -69,17 +41,17 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike, *, strict: b
                          frozen_bn_eps: float | None = None) -> None:
     """Load a local weights file into ``model`` with a clear error on mismatch.
 
-    The file is read with ``torch.load(..., weights_only=True)`` (or safetensors for ``.safetensors``); a
-    torchvision-reference checkpoint ``{"model": state_dict, ...}`` and ``module.`` / ``model.`` key prefixes
-    are accepted. BatchNorm layers saved as torchvision ``FrozenBatchNorm2d`` (no ``num_batches_tracked``,
-    as in torchvision's COCO files) become ``FrozenBatchNorm2d`` (eps ``frozen_bn_eps`` or the layer's own).
+    The file is read by :func:`~advdet.models.weights.read_state_dict` (safetensors, or ``torch.load(...,
+    weights_only=True)``; a torchvision-reference checkpoint ``{"model": state_dict, ...}`` is unwrapped) and
+    ``module.`` / ``model.`` key prefixes are stripped (:func:`~advdet.models.weights.match_prefixes`).
+    BatchNorm layers saved as torchvision ``FrozenBatchNorm2d`` (no ``num_batches_tracked``, as in
+    torchvision's COCO files) become ``FrozenBatchNorm2d`` (eps ``frozen_bn_eps`` or the layer's own).
     torchvision's v1 RetinaNet head keys are upgraded as torchvision does. Raises :class:`CheckpointError`
-    naming the file and the first missing / unexpected keys and shape mismatches (another architecture or
-    class count); the model is left untouched then.
+    (the message of :func:`~advdet.models.weights.fit_error`, with :data:`CLASS_LAYOUT_HINT`) naming the file
+    and the first shape mismatches and missing / unexpected keys; the model is left untouched then.
     """
-    path = Path(path)
     expected = model.state_dict()
-    sd = _strip_prefix(_read_state_dict(path), set(expected))
+    sd = match_prefixes(read_state_dict(path), expected)
     if isinstance(model, RetinaNet):
         from torchvision.models.detection.retinanet import _v1_to_v2_weights
 
@@ -87,22 +59,7 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike, *, strict: b
             if f"{prefix}conv.0.0.weight" in expected and f"{prefix}conv.0.weight" in sd:
                 _v1_to_v2_weights(sd, prefix)
     frozen = _bn_saved_frozen(model, sd)
-    dropped = {f"{n}.num_batches_tracked" for n in frozen}
-    missing = [k for k in expected if k not in sd and k not in dropped]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    problems = []
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es), first: " + "; ".join(
-            f"{k}: file {s} vs model {e}" for k, s, e in shapes[:5]))
-    if strict and missing:
-        problems.append(f"{len(missing)} missing key(s), first: {missing[:5]}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-    if problems:
-        hint = (" (a checkpoint for another architecture, or for another number of classes: K+1 columns for "
-                "softmax families, K for RetinaNet/FCOS, 91 for torchvision's COCO models)")
-        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + " | ".join(problems) + hint)
+    check_fit(model, sd, path, strict=strict, expected=expected,
+              allow_missing={f"{n}.num_batches_tracked" for n in frozen}, hint=CLASS_LAYOUT_HINT)
     _freeze_bn(model, frozen, frozen_bn_eps)
     model.load_state_dict(sd, strict=strict)
