@@ -38,6 +38,7 @@ from torch import nn
 
 from advdet.data.errors import AdvdetError
 from advdet.models.detector import Detector, DenseOutput, check_finite, check_targets
+from advdet.models.hub import ModelInfo, register_model
 from advdet.models.weights import CheckpointError, load_weights
 
 __all__ = ["TransformersMissing", "RTDETR_CONFIGS", "RTDetrDetector", "available", "import_transformers",
@@ -312,3 +313,16 @@ def rtdetr_detector(spec: str | os.PathLike = "rtdetr_tiny", *, num_classes: int
     if weights is not None:
         load_weights(det, weights)
     return det.eval()
+
+
+def _folder_weights(spec: str) -> Path | None:
+    return Path(spec) / "model.safetensors" if spec not in RTDETR_CONFIGS and Path(spec).is_dir() else None
+
+
+@register_model("hf:", family="hf", weights_in_name=_folder_weights, names=lambda: [
+    ModelInfo(f"hf:{n}", "hf", "detector", False, True, "RT-DETR (Hugging Face transformers, advdet[hf]); or "
+              "hf:DIR, a save_pretrained folder") for n in RTDETR_CONFIGS] if available() else [])
+def hf_model(spec: str, *, weights=None, pretrained: bool = True, num_classes: int | None = None,
+             input_size: int | None = None) -> RTDetrDetector:
+    """The hub's ``hf:CONFIG`` (a named config, random) and ``hf:DIR`` (a ``save_pretrained`` folder)."""
+    return rtdetr_detector(spec, num_classes=num_classes, input_size=input_size or 640, weights=weights)

@@ -39,7 +39,8 @@ from torch import nn
 from advdet.data.errors import AdvdetError
 from advdet.models.detector import Detector, DenseOutput, check_finite, check_targets
 from advdet.models.ultralytics_import import UltralyticsMissing, available, import_ultralytics
-from advdet.models.weights import CheckpointError, load_weights, read_card, save_weights
+from advdet.models.hub import ModelInfo, register_model
+from advdet.models.weights import CheckpointError, check_fit, load_weights, read_card, save_weights
 
 __all__ = [
     "UltralyticsMissing",
@@ -288,6 +289,24 @@ def ultralytics_detector(cfg: str | os.PathLike | dict = "yolov8n.yaml", *, num_
     return UltralyticsDetector(_build(cfg, num_classes), input_size, nms=nms).eval()
 
 
+def _file_in_name(spec: str) -> Path | None:
+    return Path(spec) if spec.endswith((".pt", ".safetensors")) else None
+
+
+@register_model("ultralytics:", family="ultralytics", weights_in_name=_file_in_name, names=lambda: [ModelInfo(
+    "ultralytics:yolov8n.yaml", "ultralytics", "detector", False, True, "any bundled yaml, or a local .pt / "
+    ".safetensors file (advdet[ultralytics], AGPL-3.0)")] if available() else [])
+def ultralytics_model(spec: str, *, weights=None, pretrained: bool = True, num_classes: int | None = None,
+                      input_size: int | None = None) -> UltralyticsDetector:
+    """The hub's ``ultralytics:YAML`` (random, or ``weights``) and ``ultralytics:FILE.pt|.safetensors``."""
+    if _file_in_name(spec) is not None and weights is None:
+        det = load_ultralytics(spec, input_size=input_size or 640)
+        if num_classes is not None and det.num_classes != num_classes:
+            raise CheckpointError(f"{spec}: has {det.num_classes} classes, not {num_classes}")
+        return det
+    return ultralytics_detector(spec, num_classes=num_classes, input_size=input_size or 640, weights=weights)
+
+
 def _trusted(trust_pickle: bool | None) -> bool:
     if trust_pickle is None:
         return os.environ.get("ADVDET_TRUST_PICKLE", "") in ("1", "true", "yes")
@@ -337,10 +356,7 @@ def load_ultralytics(path: str | os.PathLike, *, input_size: int = 640, trust_pi
     if p.suffix == ".pt":
         yaml, state, _names = _read_pt(p, _trusted(trust_pickle))
         model = _build(yaml, yaml.get("nc"))
-        missing = [k for k in model.state_dict() if k not in state]
-        if missing:
-            raise CheckpointError(f"{p}: does not fit the model its yaml builds: {len(missing)} missing keys "
-                                  f"(e.g. {missing[:3]})")
+        check_fit(model, state, p, allow_unexpected=True, hint="the model its yaml builds")
         model.load_state_dict(state, strict=False)
         return UltralyticsDetector(model, input_size, nms=nms).eval()
     if p.suffix == ".safetensors":

@@ -23,9 +23,10 @@ from torchvision.ops import box_iou
 
 from advdet.models.box_ops import cxcywh_to_xyxy
 from advdet.models.detector import Detector, DenseOutput, NMSConfig, check_finite, check_targets, postprocess_dense
+from advdet.models.hub import ModelInfo, register_model
 from advdet.models.yolov3_net import YOLOv3Net
 
-__all__ = ["COCO_ANCHORS", "ANCHOR_MASKS", "YOLO_NMS", "YOLOv3Detector", "yolov3", "yolov3_small"]
+__all__ = ["COCO_ANCHORS", "ANCHOR_MASKS", "YOLO_NMS", "YOLOv3Detector", "yolov3", "yolov3_small", "DARKNET_MODELS"]
 
 #: The YOLOv3 COCO anchors (w, h) in pixels at 416 px, small to large (yolov3.cfg).
 COCO_ANCHORS: tuple[tuple[float, float], ...] = (
@@ -243,3 +244,32 @@ def yolov3_small(*, num_classes: int, input_size: int = 256, width: float = 0.25
     1, 1, 3, 3, 1), COCO anchors scaled to ``input_size``."""
     return yolov3(num_classes=num_classes, input_size=input_size, width=width, depth=depth,
                   anchors=anchors, nms=nms)
+
+
+#: the hub's ``darknet:`` names
+DARKNET_MODELS = ("yolov3",)
+
+
+@register_model("darknet:", family="darknet", names=lambda: [
+    ModelInfo(f"darknet:{a}", "darknet", "detector", False, True, "the published YOLOv3 (Darknet-53), RAD's "
+              "surrogate; weights=PATH: a Darknet .weights or an advdet .safetensors file") for a in DARKNET_MODELS])
+def darknet_model(arch: str, *, weights=None, pretrained: bool = True, num_classes: int | None = None,
+                  input_size: int | None = None) -> YOLOv3Detector:
+    """The hub's ``darknet:ARCH``: the published YOLOv3 (80 classes, 416 px unless given), random or with
+    ``weights``: a Darknet ``.weights`` file or a state dict (the one reader and fit check)."""
+    if arch not in DARKNET_MODELS:
+        raise KeyError(f"unknown Darknet model 'darknet:{arch}'; known: "
+                       + ", ".join(f"darknet:{a}" for a in DARKNET_MODELS))
+    model = yolov3(num_classes=num_classes or 80, input_size=input_size or 416)
+    if weights is not None:
+        from pathlib import Path
+
+        if Path(weights).suffix == ".weights":
+            from advdet.models.darknet_weights import load_darknet_weights
+
+            load_darknet_weights(model, weights)
+        else:
+            from advdet.models.weights import load_weights
+
+            load_weights(model, weights)
+    return model.eval()

@@ -1,21 +1,11 @@
-"""The model zoo: one registry of buildable models by name, with shipped weights and model cards.
+"""The model zoo: the small detectors, classifier and pretrained backbones trained on ``shapes`` by the
+project's own recipes, each a :class:`ZooEntry` with its shipped weights and model card.
 
-Names resolve in one place (``build_model``):
-- a zoo name (``ssd_vgg``, ``yolov3``, ...): the zoo architecture, with the shipped weights from
-  ``advdet/zoo_weights/NAME.safetensors`` when they exist (``pretrained=True``);
-- ``torchvision:BUILDER`` (e.g. ``torchvision:fasterrcnn_resnet50_fpn``): any torchvision detection
-  builder, random or with ``weights=PATH`` (a local state dict, e.g. COCO weights from torch's cache);
-- ``darknet:yolov3``: the published YOLOv3 (Darknet-53, 80 classes, 416 px unless ``input_size``), RAD's
-  surrogate, random or with ``weights=PATH``: a Darknet ``.weights`` file (``yolov3.weights``) or an
-  advdet safetensors file.
-- ``ultralytics:CFG`` (extra ``advdet[ultralytics]``): an ultralytics detection model from its yaml
-  (``ultralytics:yolov8n.yaml``, random, ``num_classes`` classes) or from a local file
-  (``ultralytics:best.pt``, ``ultralytics:model.safetensors``; or the yaml name with ``weights=PATH``);
-- ``hf:CFG`` (extra ``advdet[hf]``): a Hugging Face transformers RT-DETR, ``hf:rtdetr_r18`` (a small config
-  built with no download) or ``hf:PATH`` (a local ``save_pretrained`` folder with config.json and
-  model.safetensors).
-``torchvision:``, ``darknet:``, ``ultralytics:`` and ``hf:`` names are *external* models
-(:func:`is_external`): they have no shipped weights and take an input size.
+The zoo is the hub's family of bare names (:mod:`advdet.models.hub`: ``get_model("ssd_vgg")``): an entry with
+the shipped weights from ``advdet/zoo_weights/NAME.safetensors`` when they exist (``pretrained=True``; a
+missing file is a ``CheckpointError``), or ``weights=PATH``. Prefixed names (``torchvision:``, ``darknet:``,
+``ultralytics:``, ``hf:``) are the hub's other families. :func:`build_model` is a deprecated alias of
+:func:`~advdet.models.hub.get_model`.
 Zoo entries of optional extras (``yolov8``, ``rtdetr``) are registered only where the extra is installed.
 Each entry carries the recipe (``TrainConfig`` fields) that ``advdet zoo train NAME`` runs.
 """
@@ -31,6 +21,7 @@ import torch
 from torch import nn
 
 from advdet.data.shapes import SHAPE_CLASSES
+from advdet.models.hub import ModelInfo, get_model, is_external, register_model  # is_external: re-exported
 from advdet.models.weights import CheckpointError, load_weights, read_card
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo_weights"
@@ -287,69 +278,15 @@ def zoo_entries() -> list[ZooEntry]:
     return list(ZOO.values())
 
 
-EXTERNAL_PREFIXES = ("torchvision:", "darknet:", "ultralytics:", "hf:")
-DARKNET_MODELS = ("yolov3",)
+def _zoo_names() -> list[ModelInfo]:
+    return [ModelInfo(e.name, e.family, e.kind, e.trained, False, e.description) for e in zoo_entries()]
 
 
-def is_external(name: str) -> bool:
-    """True for ``torchvision:BUILDER`` and ``darknet:MODEL`` names (no shipped weights, any input size)."""
-    return name.startswith(EXTERNAL_PREFIXES)
-
-
-def _darknet_model(arch: str, weights: str | os.PathLike | None, num_classes: int | None,
-                   input_size: int | None) -> nn.Module:
-    if arch not in DARKNET_MODELS:
-        raise KeyError(f"unknown Darknet model 'darknet:{arch}'; known: "
-                       + ", ".join(f"darknet:{a}" for a in DARKNET_MODELS))
-    from advdet.models.yolov3 import yolov3
-
-    model = yolov3(num_classes=num_classes or 80, input_size=input_size or 416)
-    if weights is not None:
-        path = Path(weights)
-        if path.suffix == ".weights":
-            from advdet.models.darknet_weights import load_darknet_weights
-
-            load_darknet_weights(model, path)
-        elif not path.is_file():
-            raise CheckpointError(f"{path}: weights file not found")
-        else:
-            load_weights(model, path)
-    return model.eval()
-
-
-def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
-                num_classes: int | None = None, input_size: int | None = None) -> nn.Module:
-    """Build a model by name (see the module docstring); ``weights`` overrides the shipped weights.
-
-    Raises ``CheckpointError`` for weights of another architecture or class count, ``KeyError`` for an
-    unknown name.
-    """
-    if name.startswith("torchvision:"):
-        from advdet.models.torchvision_adapter import torchvision_detector
-
-        kw = {}
-        if num_classes is not None:
-            kw["num_classes"] = num_classes
-        if input_size is not None:
-            kw["input_size"] = input_size
-        return torchvision_detector(name.split(":", 1)[1], weights_path=weights, **kw)
-    if name.startswith("darknet:"):
-        return _darknet_model(name.split(":", 1)[1], weights, num_classes, input_size)
-    if name.startswith("ultralytics:"):
-        from advdet.models.ultralytics_adapter import load_ultralytics, ultralytics_detector
-
-        spec, size = name.split(":", 1)[1], input_size or 640
-        if spec.endswith((".pt", ".safetensors")) and weights is None:
-            det = load_ultralytics(spec, input_size=size)
-            if num_classes is not None and det.num_classes != num_classes:
-                raise CheckpointError(f"{spec}: has {det.num_classes} classes, not {num_classes}")
-            return det
-        return ultralytics_detector(spec, num_classes=num_classes, input_size=size, weights=weights)
-    if name.startswith("hf:"):
-        from advdet.models.hf_rtdetr import rtdetr_detector
-
-        return rtdetr_detector(name.split(":", 1)[1], num_classes=num_classes, input_size=input_size or 640,
-                               weights=weights)
+@register_model("", family="zoo", names=_zoo_names)
+def _zoo_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
+               num_classes: int | None = None, input_size: int | None = None) -> nn.Module:
+    """The zoo's builder in the hub: entry ``name`` with its shipped weights (``pretrained``) or ``weights``;
+    a missing file is a ``CheckpointError`` (zoo models are built at their own size and class count)."""
     entry = zoo_entry(name)
     model = entry.builder()
     path = Path(weights) if weights else (entry.weights_path if pretrained else None)
@@ -360,5 +297,10 @@ def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrain
             raise CheckpointError(f"{path}: zoo model {name!r} has no shipped weights yet; "
                                   f"train them with `advdet zoo train {name}`")
         load_weights(model, path)
-    model.eval()
-    return model
+    return model.eval()
+
+
+def build_model(name: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                num_classes: int | None = None, input_size: int | None = None) -> nn.Module:
+    """Deprecated alias of :func:`advdet.models.hub.get_model` (the same arguments, the same code path)."""
+    return get_model(name, weights=weights, pretrained=pretrained, num_classes=num_classes, input_size=input_size)

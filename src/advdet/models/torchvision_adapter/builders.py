@@ -1,6 +1,7 @@
 """Builder by name: one spec table (:data:`BUILDERS`) of every detector builder this package knows (torchvision's
-own, built without downloads, and our tiny ones), :func:`torchvision_detector` to build one, and
-:func:`wrap_torchvision` to put any torchvision detection model behind the Detector contract."""
+own, built without downloads, and our tiny ones), :func:`torchvision_detector` to build one (registered in the
+hub as ``torchvision:BUILDER``, :func:`torchvision_model`), and :func:`wrap_torchvision` to put any torchvision
+detection model behind the Detector contract."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNN
 from torchvision.models.detection.ssd import SSD
 
+from advdet.models.hub import ModelInfo, register_model
 from advdet.models.torchvision_adapter.base import TorchvisionDetector, eval_mode
 from advdet.models.torchvision_adapter.checkpoint import load_state_dict_file
 from advdet.models.torchvision_adapter.fcos import FCOSDetector
@@ -169,6 +171,21 @@ def torchvision_detector(builder_name: str, *, num_classes: int | None = None, i
         eps = frozen_bn_eps if frozen_bn_eps is not None else spec.coco_v1_frozen_bn_eps
         load_state_dict_file(model, weights_path, frozen_bn_eps=eps)
     return wrap_torchvision(model, input_size=input_size, num_classes=num_classes)
+
+
+def _listed() -> list[ModelInfo]:
+    return [ModelInfo(f"torchvision:{n}", "tiny" if s.tiny else "torchvision", "detector", False, True,
+                      f"{s.adapter.__name__} at {s.input_size} px" + (" (advdet's tiny builder)" if s.tiny else ""))
+            for n, s in BUILDERS.items()]
+
+
+@register_model("torchvision:", family="torchvision", names=_listed)
+def torchvision_model(arch: str, *, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                      num_classes: int | None = None, input_size: int | None = None) -> TorchvisionDetector:
+    """The hub's ``torchvision:BUILDER`` (:data:`BUILDERS`: torchvision's and the tiny ones): random, or with
+    ``weights`` (a local state dict); :func:`torchvision_detector` with the hub's arguments."""
+    kw = {k: v for k, v in (("num_classes", num_classes), ("input_size", input_size)) if v is not None}
+    return torchvision_detector(arch, weights_path=weights, **kw)
 
 
 def _probe_ssd(model: SSD, name: str, s: int) -> None:
