@@ -37,7 +37,7 @@ from advdet.data.coco import CocoDetection
 from advdet.data.io import atomic_write_json, read_json
 from advdet.models.detector import Detector
 from advdet.models.evaluate import predict_dataset, score_results
-from advdet.models.zoo import build_model, is_external
+from advdet.models.hub import get_model, is_external
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def evaluate_split(split_dir: str | os.PathLike, victims: Sequence[tuple[str, st
     for name, weights in victims:
         torch.manual_seed(int(card["seed"]))  # the initialisation of an untrained victim (tests)
         # torchvision victims see the split's resolution (clean and adversarial alike); zoo models are 256
-        det = build_model(name, weights=weights, pretrained=pretrained,
-                          input_size=int(src["size"]) if is_external(name) else None)
+        det = get_model(name, weights=weights, pretrained=pretrained,
+                        input_size=int(src["size"]) if is_external(name) else None)
         if not isinstance(det, Detector):
             raise CraftError(f"victim {name!r} is not a detector (no mAP to measure)")
         det.to(dev).eval()
@@ -144,8 +144,8 @@ def check_victims(victims: Sequence[tuple[str, str | None]], data: str | os.Path
     ds = CocoDetection(images_dir, ann_file, size=64, skip_bad=True, validate_images=False)  # annotations only
     for name, weights in victims:
         torch.manual_seed(0)
-        det = build_model(name, weights=weights, pretrained=pretrained,
-                          input_size=input_size if is_external(name) else None)
+        det = get_model(name, weights=weights, pretrained=pretrained,
+                        input_size=input_size if is_external(name) else None)
         if not isinstance(det, Detector):
             raise CraftError(f"victim {name!r} is not a detector (no mAP to measure)")
         if det.num_classes != ds.num_classes:

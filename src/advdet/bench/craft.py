@@ -83,8 +83,8 @@ def craft_dataset(attack_name: str, model_name: str, data: str | os.PathLike, ou
     Args:
         attack_name: a registered attack (``advdet attack --list``); classifier attacks
             (``cls-pgd``, ...) need a classifier surrogate (the zoo's ``classifier``).
-        model_name: zoo name or ``torchvision:BUILDER`` (see ``build_model``); ``weights`` overrides
-            its weights, ``pretrained=False`` builds it untrained (tests).
+        model_name: any name of ``advdet.models.hub.get_model`` (zoo, ``torchvision:BUILDER``, ...);
+            ``weights`` overrides its weights, ``pretrained=False`` builds it untrained (tests).
         data: ``shapes-train``, ``shapes-val``, an advdet output folder, or an images folder with ``ann``.
         out_dir: output folder (see the module docstring for its layout).
         eps, step, steps: budget, step (0-255 units) and iterations; None = the attack's defaults.

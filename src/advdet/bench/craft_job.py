@@ -30,8 +30,7 @@ from advdet.data.letterbox import letterbox_boxes, letterbox_masks
 from advdet.data.registry import resolve_dataset
 from advdet.metrics.perturbation import perturbation_stats
 from advdet.models.detector import Detector
-from advdet.models.weights import read_card, sha256_file
-from advdet.models.zoo import build_model, is_external, zoo_entry
+from advdet.models.hub import get_model, is_external, provenance
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,8 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike | None,
                    pretrained: bool) -> dict:
-    """Name, kind, family, input size and the weights (path and sha256) of a built model, for cards."""
+    """Name, kind, family, input size and the weights (path and sha256: :func:`advdet.models.hub.provenance`)
+    of a built model, for cards."""
     from advdet.attacks.ensemble import SurrogateEnsemble
 
     if isinstance(model, SurrogateEnsemble):  # a+b+c: every member's weights; one digest over theirs
@@ -76,16 +76,8 @@ def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike
                             "family": getattr(model, "family", type(model).__name__),
                             "input_size": int(getattr(model, "input_size", 0)) or None,
                             "num_classes": getattr(model, "num_classes", None)}
-    path: Path | None = None
-    if weights:
-        path = Path(weights)
-    elif pretrained and not is_external(model_name):
-        path = zoo_entry(model_name).weights_path
-    if path is None:
-        info.update(weights=None, weights_sha256=None, untrained=True)
-        return info
-    card = read_card(path) if path.suffix == ".safetensors" else {}
-    info.update(weights=str(path), weights_sha256=card.get("sha256") or sha256_file(path), untrained=False)
+    prov = provenance(model_name, weights=weights or None, pretrained=pretrained)
+    info.update(weights=prov.file, weights_sha256=prov.sha256, untrained=prov.origin == "untrained")
     return info
 
 
@@ -101,7 +93,7 @@ def build_ensemble(model_name: str, weights, pretrained: bool, input_size) -> nn
     members = []
     for m in names:
         try:
-            det = build_model(m, pretrained=pretrained, input_size=input_size if is_external(m) else None)
+            det = get_model(m, pretrained=pretrained, input_size=input_size if is_external(m) else None)
         except KeyError as err:
             msg = err.args[0] if err.args else m
             raise UnknownNameError(f"ensemble {model_name!r}: unknown member {m!r} ({msg})") from None
@@ -139,8 +131,8 @@ class CraftJob:
         if is_ensemble_name(model_name):
             self.model = build_ensemble(model_name, weights, pretrained, input_size)
         else:
-            self.model = build_model(model_name, weights=weights, pretrained=pretrained,
-                                     input_size=input_size if is_external(model_name) else None)
+            self.model = get_model(model_name, weights=weights, pretrained=pretrained,
+                                   input_size=input_size if is_external(model_name) else None)
         if input_size is not None and getattr(self.model, "input_size", None) != input_size:
             raise CraftError(f"{model_name!r} takes {getattr(self.model, 'input_size', None)} px inputs; "
                              f"input_size={input_size} only applies to torchvision:BUILDER models")

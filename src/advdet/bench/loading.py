@@ -1,7 +1,9 @@
-"""Load a benchmark model by name: a zoo entry or ``torchvision:BUILDER``, with its weights, in eval mode.
+"""Load a benchmark model by name (any name of :func:`advdet.models.hub.get_model`), with its weights, in
+eval mode, and its provenance (:func:`advdet.models.hub.provenance`: file, sha256, origin).
 
-One loader for every benchmark (transfer, robustness, analyses): a model without trained weights is
-refused with ``UntrainedModelError`` unless the caller allows random weights explicitly.
+One loader for every benchmark (transfer, robustness, analyses), and the one place that decides
+"untrained": a model without trained weights is refused with ``UntrainedModelError`` unless the caller
+allows random weights explicitly (``allow_untrained``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from advdet.data.errors import AdvdetError
+from advdet.models.hub import Provenance, get_model, is_external, provenance
+from advdet.models.zoo import zoo_entry
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class LoadedModel:
     has_masks: bool
     trained: bool
     weights: str | None     # the weights file it was loaded from (None: random, or the zoo's shipped file)
+    #: which weights it carries (:func:`advdet.models.hub.provenance`); None: computed from the fields above
+    provenance: Provenance | None = None
 
     def info(self) -> dict:
         """Kind, input size, masks, and which weights: ``weights`` (a given file or None) and
@@ -45,26 +51,22 @@ class LoadedModel:
         return {"kind": self.kind, "input_size": self.input_size, "has_masks": self.has_masks,
                 "trained": self.trained, "weights": self.weights, "weights_sha256": self.weights_sha256}
 
+    def _provenance(self) -> Provenance:
+        if self.provenance is None:
+            self.provenance = provenance(self.name, weights=self.weights, pretrained=self.trained,
+                                         given=self.trained and self.weights is None and is_external(self.name))
+        return self.provenance
+
     @property
     def weights_sha256(self) -> str | None:
-        from advdet.models.weights import sha256_file
-
-        origin = self.origin
-        return None if origin in ("untrained", "given") else sha256_file(origin)
+        return self._provenance().sha256
 
     @property
     def origin(self) -> str:
-        """Where the weights came from: the file, ``"untrained"``, or ``"given"`` (a module passed in)."""
-        if self.weights is not None:
-            return self.weights
-        if not self.trained:
-            return "untrained"
-        from advdet.models.zoo import is_external, zoo_entry
-
-        try:
-            return "given" if is_external(self.name) else str(zoo_entry(self.name).weights_path)
-        except KeyError:
-            return "given"
+        """Where the weights came from: the file (given or the zoo's), ``"untrained"``, or ``"given"`` (a
+        module passed in)."""
+        p = self._provenance()
+        return p.file if p.origin in ("zoo", "file") and p.file else p.origin
 
 
 @dataclass
@@ -127,26 +129,24 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_unt
     fixed at 256).
     """
     from advdet.models.detector import Detector
-    from advdet.models.zoo import build_model, is_external, zoo_entry
 
-    trained = True
     if model is None:
-        if is_external(name):
-            trained = weights is not None
-        else:
-            entry = zoo_entry(name)
-            trained = weights is not None or entry.trained
+        prov = provenance(name, weights=weights)  # KeyError for an unknown zoo name
+        trained = prov.origin != "untrained"
         if not trained and not allow_untrained:
             if is_external(name):
-                raise UntrainedModelError(f"{name} has no trained weights (a torchvision builder without a "
-                                          f"weights file is randomly initialised); {_HOW}")
-            raise UntrainedModelError(f"zoo model {name!r} has no trained weights ({entry.weights_path} is "
-                                      f"missing; train them with `advdet zoo train {name}`); {_HOW}")
+                raise UntrainedModelError(f"{name} has no trained weights (a {name.split(':', 1)[0]} builder "
+                                          f"without a weights file is randomly initialised); {_HOW}")
+            raise UntrainedModelError(f"zoo model {name!r} has no trained weights ({zoo_entry(name).weights_path} "
+                                      f"is missing; train them with `advdet zoo train {name}`); {_HOW}")
         if input_size is not None and not is_external(name):
             raise ValueError(f"model {name!r}: only torchvision: models take an input size (zoo models: 256)")
-        model = build_model(name, weights=weights, pretrained=trained, input_size=input_size)
+        model = get_model(name, weights=weights, pretrained=trained, input_size=input_size)
         if not trained:
             log.warning("model %s is randomly initialised (no trained weights)", name)
+    else:
+        trained = True
+        prov = provenance(name, weights=weights, given=weights is None)
     model.eval()
     if device is not None:
         model.to(device)
@@ -155,17 +155,14 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, allow_unt
     if size <= 0:
         raise ValueError(f"model {name!r} has no input_size attribute")
     return LoadedModel(name, model, kind, size, bool(getattr(model, "has_masks", False)), trained,
-                       None if weights is None else str(weights))
+                       None if weights is None else str(weights), prov)
 
 
 def load_detector(name: str, *, weights: str | os.PathLike | None = None,
                   allow_untrained: bool = False) -> tuple[nn.Module, str]:
     """:func:`load_model` for benchmarks that need a detector: (detector in eval mode, origin), with
     origin the weights path or ``"untrained"``; a zoo classifier is refused with ``ValueError``."""
-    from advdet.models.zoo import is_external, zoo_entry
-
     if not is_external(name):
-
         entry = zoo_entry(name)
         if entry.kind != "detector":
             raise ValueError(f"{name!r} is a zoo {entry.kind}, not a detector; this benchmark needs detectors")

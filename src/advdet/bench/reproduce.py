@@ -34,17 +34,11 @@ class StaleStepError(AdvdetError):
 
 
 def _weights_fingerprint(name: str, models: Mapping | None) -> dict:
-    """Which weights a model will use, before it is loaded: the zoo file and its sha256, ``given`` (a module
-    passed in) or ``untrained``."""
-    if models and name in models:
-        return {"file": None, "sha256": None, "origin": "given"}
-    from advdet.models.weights import sha256_file
-    from advdet.models.zoo import zoo_entry
+    """Which weights a model will use, before it is loaded (:func:`advdet.models.hub.provenance`): the zoo
+    file and its sha256, ``given`` (a module passed in) or ``untrained``."""
+    from advdet.models.hub import provenance
 
-    path = Path(zoo_entry(name).weights_path)
-    if not path.is_file():
-        return {"file": None, "sha256": None, "origin": "untrained"}
-    return {"file": str(path), "sha256": sha256_file(path), "origin": "zoo"}
+    return provenance(name, given=bool(models) and name in models).as_dict()
 
 
 def _jsonify(obj: Any) -> Any:

@@ -36,7 +36,7 @@ def _fmt(ci: Mapping | None, scale: float = 100.0, signed: bool = False) -> str 
 def _page_weights(records: Mapping[str, dict], fingerprints: Mapping[str, dict]) -> dict[str, dict]:
     """Per model the weights file and sha256 the step results name (``weights_sha256`` of the transfer
     results' model info; the robustness results' weights file, hashed)."""
-    from advdet.models.weights import sha256_file
+    from advdet.models.hub import file_sha256
 
     out: dict[str, dict] = {}
     for rec in records.values():
@@ -59,7 +59,7 @@ def _page_weights(records: Mapping[str, dict], fingerprints: Mapping[str, dict])
                 out[name] = {"file": None, "sha256": None, "origin": origin}
             else:
                 p = Path(origin)
-                out[name] = {"file": str(p), "sha256": sha256_file(p) if p.is_file() else None, "origin": "zoo"}
+                out[name] = {"file": str(p), "sha256": file_sha256(p) if p.is_file() else None, "origin": "zoo"}
     return out
 
 

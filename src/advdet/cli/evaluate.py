@@ -34,9 +34,9 @@ def eval_cmd(model: str = typer.Option(..., help="Zoo name, torchvision:BUILDER,
     from advdet.data.io import atomic_write_json
     from advdet.data.registry import build_dataset
     from advdet.models.evaluate import predict_dataset, score_results
-    from advdet.models.zoo import build_model
+    from advdet.models.hub import get_model
 
-    det = build_model(model, weights=weights)
+    det = get_model(model, weights=weights)
     det.to(resolve_device(device))
     ds = build_dataset(data, ann, size=size or det.input_size, skip_bad=skip_bad)
     k = getattr(det, "num_classes", None)

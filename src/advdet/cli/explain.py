@@ -43,7 +43,7 @@ def explain_cmd(
 
     from advdet.data.reading import load_letterboxed
     from advdet.data.io import read_image_rgb
-    from advdet.models.zoo import build_model, is_external
+    from advdet.models.hub import get_model, is_external
     from advdet.relevance import NodeSelection, explain_image
 
     if nodes < 1 or boxes < 0:
@@ -57,9 +57,9 @@ def explain_cmd(
     apply_threads(threads)
     torch.manual_seed(seed)
     if is_external(model):
-        det = build_model(model, weights=weights, num_classes=num_classes, input_size=size)
+        det = get_model(model, weights=weights, num_classes=num_classes, input_size=size)
     else:
-        det = build_model(model, weights=weights, pretrained=not untrained)
+        det = get_model(model, weights=weights, pretrained=not untrained)
         if size is not None and size != det.input_size:
             raise AdvdetError(f"--size {size}: {model} takes {det.input_size} x {det.input_size} inputs")
     dev = resolve_device(device)

@@ -181,9 +181,9 @@ def prepare_model(method: str, model: str | torch.nn.Module, init: str | os.Path
     cfg = cfg or MethodConfig()
     torch.manual_seed(seed)
     if isinstance(model, str):
-        from advdet.models.zoo import build_model
+        from advdet.models.hub import get_model
 
-        det = build_model(model, pretrained=False)
+        det = get_model(model, pretrained=False)
     else:
         det = model
     path = resolve_init(init) if init is not None else None
