@@ -16,7 +16,8 @@ Conventions
   the attack, restoring every submodule's mode afterwards.
 - Every random choice (random start, DI, DAG labels, Gaussian noise) draws from ``self.generator``, a
   CPU ``torch.Generator`` seeded with ``seed``; it advances from call to call. ``manual_seed(s)``
-  resets it (e.g. ``seed + image_index`` for per-image reproducibility in resumable jobs).
+  resets it; every crafting command resets it per batch with
+  :func:`advdet.attacks.seeding.seed_batch` (the one seed policy).
 - Batches: objectives are *per image* ((B,) tensors) and the loop only ever sums them, and every
   normalisation (sign, mean |g|, max |g|, MI's L1 norm) is per image, so a deterministic attack gives
   the same result for an image whether it is attacked alone or in a batch.

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from advdet.attacks.seeding import seed_batch
 from advdet.bench.analyses_measures import (LOSS_CHANGE_PAIRS, confidence_distribution, conv_layers,
                                             gradient_entanglement, histogram, loss_change, summary)
 from advdet.bench.loading import load_detector
@@ -147,7 +148,7 @@ def _craft(detector: Detector, attack: str, xs: list[torch.Tensor], tgs: list[li
         raise ValueError("the analyses need an attack, not 'clean'")
     out, start = [], 0
     for x, t in zip(xs, tgs):
-        atk.manual_seed(seed + start)
+        seed_batch(atk, seed, start)
         out.append(atk(x, t))
         start += x.shape[0]
     return out, {"attack": atk.name, **jsonable(atk.hyperparameters())}

@@ -40,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from advdet.attacks.seeding import seed_batch
 from advdet.bench.loading import load_detector
 from advdet.bench.robustness_columns import (TABLE_ATTACKS, attack_targets, build_table_attack, check_attack_names,
                                              column_names)
@@ -144,7 +145,7 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                     if a is None:
                         x_in = x
                     else:
-                        a.manual_seed(seed + start)
+                        seed_batch(a, seed, start)
                         x_in = a(x, tg)
                     with torch.no_grad():
                         preds = det.predict(x_in)
@@ -203,7 +204,8 @@ def robustness_table(models: Sequence[str], attacks: Sequence[str] = TABLE_ATTAC
         metric: ``auto`` (VOC07 for VOC data, COCO AP50 otherwise), ``voc07`` or ``coco50``.
         limit: the first N images only. eps: Linf budget of the PGD-family attacks (0-255; step = eps).
         steps: iterations of every iterative attack (default: 20 for PGD, 150 for DAG).
-        seed: attack seed; batch b starting at image i uses ``seed + i``.
+        seed: attack seed; the batch starting at image i is crafted after ``seed_batch(attack, seed, i)``
+            (:mod:`advdet.attacks.seeding`, the policy of every crafting command).
         weights: {model: weights file}; models without an entry use the zoo's shipped weights.
         allow_untrained: benchmark random weights instead of refusing (tests, smoke runs).
         detectors: {model name: Detector} already built (Python API; skips loading).

@@ -44,6 +44,7 @@ from advdet.attacks.batches import letterbox_mask
 from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS
+from advdet.attacks.seeding import seed_batch
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
 from advdet.bench.loading import LoadedModel, UntrainedModelError, load_ensemble, load_model
 from advdet.bench.runtime import release_memory, resolve_device
@@ -287,7 +288,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                 params = [t["letterbox"] for t in targets]
                 mask = letterbox_mask(params, size, size)
                 tc, cc = time.perf_counter(), time.process_time()
-                atk.manual_seed(seed + idx[0])
+                seed_batch(atk, seed, idx[0])
                 tg = [{k: t[k] for k in ("boxes", "labels", "letterbox")} for t in targets] if use_gt else None
                 x_adv = atk(x.to(dev), tg, mask=mask.to(dev))
                 diag = (getattr(atk, "last_state", None) or {}).get("diagnostics")

@@ -16,8 +16,9 @@ Sweeps (one at a time):
 - ``sweep="node_type"``: ``cls``, ``loc``, ``size`` (RAD Table 1; attacks with a ``node_type`` parameter).
 
 An attack without the swept parameter runs once, with a note. Attacks whose ``budget`` is ``eps`` or
-``eps=step`` get the table's eps (unless their spec sets one). Seeds: attack ``seed + index of the batch's
-first image``, so the same call gives the same numbers.
+``eps=step`` get the table's eps (unless their spec sets one). Seeds: the one crafting policy of
+:mod:`advdet.attacks.seeding` (``seed_batch(attack, seed, index of the batch's first image)``), so the same
+call gives the same numbers and ``advdet attack`` with the same options crafts the same bytes.
 
 Ensembles (issue 24, item 1): a surrogate named ``a+b+c`` is ONE surrogate, the members' ensemble
 (``advdet.attacks.ensemble``: every attack averages its objective over the members at every step); its
@@ -35,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from advdet.attacks.registry import ATTACKS
+from advdet.attacks.seeding import crafting_defaults
 from advdet.attacks.spec import accepts, check_kwargs, transforms_for
 from advdet.data.errors import UnknownNameError
 
@@ -180,11 +182,7 @@ def build_row_attack(spec: RowSpec, model: nn.Module | None, seed: int, device, 
     kw = dict(spec.kwargs)
     if "technique" in kw:
         kw["transforms"] = transforms_for(kw.pop("technique"))
-    for key, val in (("valid_only", True), ("seed", seed)):
-        if key not in kw and accepts(cls, key):
-            kw[key] = val
-    if device is not None and "device" not in kw and accepts(cls, "device"):
-        kw["device"] = device
+    kw = crafting_defaults(cls, kw, seed=seed, device=device)
     from advdet.attacks.ensemble import ENSEMBLE_OPTIONS, SurrogateEnsemble
     from advdet.attacks.registry import build_attack
 

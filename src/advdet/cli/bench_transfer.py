@@ -143,7 +143,7 @@ def bench_transfer(
         eps: str = typer.Option("16", help="Linf budget in 0-255 units; a comma list is the eps sweep (RAD Fig. 7)."),
         limit: Optional[int] = typer.Option(None, help="Use the first N images only."),
         batch_size: int = typer.Option(8, help="Images per attack / forward batch."),
-        seed: int = typer.Option(0, help="Attack seed (batch starting at image i uses seed + i)."),
+        seed: int = typer.Option(0, help="Attack seed (per-batch seeds as in advdet attack: advdet.attacks.seeding)."),
         sweep: Optional[str] = typer.Option(None, help="nodes (Table 7), technique (Table 2), node_type (Table 1) "
                                             "or eps; applies to the attacks that have the parameter (RAD)."),
         sweep_values: Optional[str] = typer.Option(None, help="Comma list of sweep values (defaults: nodes "
