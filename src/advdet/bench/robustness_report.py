@@ -6,12 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from advdet.bench.robustness_columns import ATTACK_LABELS, attack_label
+from advdet.bench.runtime import percent
 
 __all__ = ["table_rows", "sweep_rows", "table_figure", "sweep_figure", "robustness_report"]
-
-
-def _pct(v: float | None) -> float | None:
-    return None if v is None else round(100.0 * v, 1)
 
 
 def table_rows(result: dict, *, deltas: bool = True) -> tuple[list[str], list[list]]:
@@ -24,8 +21,8 @@ def table_rows(result: dict, *, deltas: bool = True) -> tuple[list[str], list[li
     for m in models:
         row: list = [m]
         for a in attacks:
-            v = _pct(result["map50"][m][a])
-            b = _pct(result["map50"][base][a])
+            v = percent(result["map50"][m][a], 1)
+            b = percent(result["map50"][base][a], 1)
             if v is None:
                 row.append(None)
             elif deltas and m != base and b is not None:
@@ -44,8 +41,8 @@ def sweep_rows(result: dict, attack: str) -> tuple[list[str], list[list]]:
     for m in result["models"]:
         row: list = [m]
         if result.get("clean"):
-            row.append(_pct(result["clean"][m]))
-        row += [_pct(v) for v in result["map50"][m][attack]]
+            row.append(percent(result["clean"][m], 1))
+        row += [percent(v, 1) for v in result["map50"][m][attack]]
         rows.append(row)
     return cols, rows
 
@@ -64,7 +61,7 @@ def table_figure(result: dict):
     ax = fig.subplots()
     w = 0.8 / len(models)
     for i, m in enumerate(models):
-        vals = [_pct(result["map50"][m][a]) or 0.0 for a in attacks]
+        vals = [percent(result["map50"][m][a], 1) or 0.0 for a in attacks]
         ax.bar([j + (i - (len(models) - 1) / 2) * w for j in range(len(attacks))], vals, w, label=m)
     ax.set_xticks(range(len(attacks)), [attack_label(a) for a in attacks])
     ax.set_ylabel("mAP50 (%)")
@@ -84,7 +81,7 @@ def sweep_figure(result: dict):
     axes = fig.subplots(1, len(attacks), squeeze=False)[0]
     for ax, a in zip(axes, attacks):
         for m in result["models"]:
-            ax.plot(result["steps"], [_pct(v) for v in result["map50"][m][a]], marker="o", label=m)
+            ax.plot(result["steps"], [percent(v, 1) for v in result["map50"][m][a]], marker="o", label=m)
         ax.set_title(f"{attack_label(a)}, eps = {result['eps']:g}", fontsize=9)
         ax.set_ylim(-2, 102)
         ax.set_xlabel("attack steps")

@@ -1,4 +1,4 @@
-"""Small helpers that every bench job shares: which device a run uses, and attack settings as JSON.
+"""Small helpers that every bench job shares: which device a run uses, JSON-safe values, percentages.
 
 Kept in one place so that the transfer, robustness, crafting and analysis jobs pick devices and write
 settings the same way.
@@ -15,9 +15,10 @@ import math
 import sys
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-__all__ = ["resolve_device", "jsonable", "nan_to_none", "release_memory"]
+__all__ = ["resolve_device", "jsonable", "nan_to_none", "percent", "release_memory"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,34 +28,43 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` made JSON-safe for cards and result files (attack hyper-parameters and the like).
+def jsonable(value: Any, *, nonfinite: str | None = "text") -> Any:
+    """``value`` made JSON-safe: the one sanitiser of cards, result files and reports.
 
-    Keys become strings, tuples lists, non-finite floats their text (``"nan"``, ``"inf"``), dataclasses a
-    dict with their ``type``, and any other object its ``repr``."""
+    Keys become strings, tuples lists, numpy scalars / arrays and tensors Python numbers / lists,
+    dataclasses a dict with their ``type``, any other object its ``repr``. Non-finite floats (NaN, inf)
+    become their text (``nonfinite="text"``: ``"nan"``, ``"inf"``; attack settings in cards) or None
+    (``nonfinite=None``: metrics in result files, where a missing number is ``null``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        return jsonable(value.tolist(), nonfinite=nonfinite)
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        if math.isfinite(value):
+            return value
+        return str(value) if nonfinite == "text" else None
     if isinstance(value, (list, tuple)):
-        return [jsonable(x) for x in value]
+        return [jsonable(x, nonfinite=nonfinite) for x in value]
     if isinstance(value, dict):
-        return {str(k): jsonable(x) for k, x in value.items()}
+        return {str(k): jsonable(x, nonfinite=nonfinite) for k, x in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__,
-                **{f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+                **{f.name: jsonable(getattr(value, f.name), nonfinite=nonfinite) for f in dataclasses.fields(value)}}
     return repr(value)
 
 
 def nan_to_none(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, inf) in it, nested in dicts / lists / tuples, as None."""
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [nan_to_none(v) for v in obj]
-    return obj
+    """:func:`jsonable` with every non-finite float as None (result files)."""
+    return jsonable(obj, nonfinite=None)
+
+
+def percent(value: float | None, ndigits: int | None = None) -> float | None:
+    """A fraction (mAP, a drop) in percent, rounded to ``ndigits`` when given; None for None and for
+    negative values (COCO's -1: no ground truth for that cell)."""
+    if value is None or value < 0:
+        return None
+    v = 100.0 * float(value)
+    return v if ndigits is None else round(v, ndigits)
 
 
 @functools.cache

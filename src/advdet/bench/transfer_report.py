@@ -3,10 +3,9 @@ image grids)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from advdet.bench.runtime import nan_to_none, percent
 from advdet.bench.transfer_scores import mean_of
 
 __all__ = ["json_ready", "transfer_table", "transfer_report"]
@@ -15,18 +14,8 @@ __all__ = ["json_ready", "transfer_table", "transfer_report"]
 # ------------------------------------------------------------------------------------------------- output
 def json_ready(result: dict) -> dict:
     """The result without its private keys (``_examples``, ``_row_specs``, ``_bootstrap_samples``), ready for
-    ``json.dump``."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (np.floating, np.integer)):
-            return v.item()
-        return v
-    return clean({k: v for k, v in result.items() if not k.startswith("_")})
+    ``json.dump`` (:func:`~advdet.bench.runtime.nan_to_none`: a missing number is ``null``)."""
+    return nan_to_none({k: v for k, v in result.items() if not k.startswith("_")})
 
 
 def transfer_table(result: dict, metric: str = "map", scale: float = 100.0) -> tuple[list[str], list[list]]:
@@ -80,7 +69,7 @@ def transfer_report(result: dict, title: str | None = None):
     mask_victims = [v for v in victims if "segm_map" in rows[0]["metrics"][v]]
     if mask_victims:
         cols = ["attack"] + [f"{v} {k}" for k in ("mAP", "mAP50", "mAP75") for v in mask_victims]
-        table = [[r["label"]] + [_pct(r["metrics"][v].get(f"segm_{k}")) for k in ("map", "map50", "map75")
+        table = [[r["label"]] + [percent(r["metrics"][v].get(f"segm_{k}")) for k in ("map", "map50", "map75")
                                  for v in mask_victims] for r in rows]
         rep.add_table("Segmentation mAP (x100, RAD Table 4)", cols, table)
     # failure rates
@@ -90,7 +79,7 @@ def transfer_report(result: dict, title: str | None = None):
         cells: list = [r["label"]]
         for v in victims:
             f = r["failure"][v]
-            cells += [_pct(f["disappearance"]), _pct(f["misclassification"]), f["hallucination"]]
+            cells += [percent(f["disappearance"]), percent(f["misclassification"]), f["hallucination"]]
         table.append(cells)
     rep.add_table("Failure rates against the clean predictions", cols, table,
                   note=f"score >= {result['score_thresh']}, IoU >= {result['iou']}: gone = disappearance, "
@@ -110,8 +99,8 @@ def transfer_report(result: dict, title: str | None = None):
                                           "mean positive relevance (first -> last iteration)",
                                           "mean |delta|", "at +-eps %"],
                       [[r["label"], r["surrogate"] or "-", r["diagnostics"]["gradient_evaluations"],
-                        _pct(r["diagnostics"]["second_term_share"]), _rel(r["diagnostics"]),
-                        r["diagnostics"]["mean_abs_delta"], _pct(r["diagnostics"]["share_at_eps"])]
+                        percent(r["diagnostics"]["second_term_share"]), _rel(r["diagnostics"]),
+                        r["diagnostics"]["mean_abs_delta"], percent(r["diagnostics"]["share_at_eps"])]
                        for r in diag_rows],
                       note="second-term share: (image, gradient evaluation) pairs whose relevance map had no "
                            "positive value, so the step came from RAD's second loss term alone (docs/rad.md)")
@@ -164,10 +153,6 @@ def _add_interval_tables(rep, result: dict) -> None:
                       note=note + "; both rows on the same resamples; black-box mean over the "
                            f"{result['bootstrap']['reference']} row's black-box victims; negative: lower mAP50 "
                            f"than the baseline")
-
-
-def _pct(v):
-    return None if v is None or (isinstance(v, float) and v < 0) else v * 100.0
 
 
 def _mark_white_box(result: dict, table: list[list]) -> list[list]:
