@@ -20,6 +20,7 @@ from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.rad import RADDiagnostics
 from advdet.attacks.registry import ATTACKS, build_attack
+from advdet.attacks.seeding import batch_seed, crafting_defaults, seed_batch
 from advdet.attacks.spec import resolve_name
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.coco import decode_segmentation
@@ -49,14 +50,6 @@ class CraftError(AdvdetError):
 def load_attack_registry() -> dict[str, type[Attack]]:
     """The attack registry (``advdet.attacks.registry`` registers every attack, RAD included, on import)."""
     return ATTACKS
-
-
-def batch_seed(seed: int, first_index: int) -> int:
-    """Seed of the batch whose first dataset index is ``first_index``: sha256 of (seed, index), 63 bits.
-
-    Depends only on the job seed and the batch, never on the process or run that crafts it."""
-    digest = hashlib.sha256(f"advdet-craft:{int(seed)}:{int(first_index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def surrogate_info(model_name: str, model: nn.Module, weights: str | os.PathLike | None,
@@ -151,6 +144,7 @@ class CraftJob:
         for k, v in (("eps", eps), ("step", step), ("steps", steps)):
             if v is not None:
                 kw[k] = v
+        kw = crafting_defaults(registry[attack_name], kw)
         try:
             self.attack = build_attack(attack_name, self.model, **kw)
         except KeyError as err:
@@ -309,9 +303,7 @@ class CraftJob:
                 if getattr(self.model, "has_masks", False):
                     t["masks"] = it["masks"]
                 targets.append(t)
-        seed = record["seed"]
-        self.attack.manual_seed(seed)
-        torch.manual_seed(seed)
+        seed_batch(self.attack, self.seed, first)
         files = [it["file_name"] for _, it in items]
         try:
             x_adv = self.attack(x.to(self.device), targets, mask=mask.to(self.device))
