@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from advdet.bench.loading import LoadedModel, load_model
+from advdet.bench.pipeline import DatasetsBySize
 from advdet.bench.plots import figure_png, new_figure
-from advdet.bench.robustness_scoring import load_eval_dataset
 from advdet.bench.runtime import jsonable, nan_to_none, resolve_device
 from advdet.data.io import atomic_write_bytes, atomic_write_json
 from advdet.data.letterbox import LetterboxParams, letterbox_params
@@ -274,12 +274,8 @@ def run_relevance_similarity(models: Sequence[str], data: str | os.PathLike, out
     selection = NodeSelection(m=top)
     rules = LRPRules()
 
-    datasets: dict[int, Any] = {}
-    for lm in loaded.values():
-        if lm.input_size not in datasets:
-            datasets[lm.input_size] = load_eval_dataset(data, ann, size=lm.input_size, voc_split=voc_split,
-                                                        skip_bad=skip_bad)
-    first = next(iter(datasets.values()))
+    datasets = DatasetsBySize(data, ann, skip_bad=skip_bad, voc_split=voc_split)
+    first = datasets[next(iter(loaded.values())).input_size]
     n = min(limit, len(first)) if limit else len(first)
     if n == 0:
         raise ValueError(f"{data}: no images")

@@ -42,10 +42,11 @@ from torch.utils.data import DataLoader, Subset
 
 from advdet.attacks.seeding import seed_batch
 from advdet.bench.loading import load_detector
+from advdet.bench.pipeline import DatasetsBySize
 from advdet.bench.robustness_columns import (TABLE_ATTACKS, attack_targets, build_table_attack, check_attack_names,
                                              column_names)
-from advdet.bench.robustness_scoring import (Column, boot_samples, is_voc, load_eval_dataset, resolve_metric,
-                                             score_column, voc_det, voc_gt)
+from advdet.bench.robustness_scoring import (Column, boot_samples, is_voc, resolve_metric, score_column, voc_det,
+                                             voc_gt)
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.collate import collate_detection
 from advdet.models.detector import Detector
@@ -86,7 +87,7 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
     if unknown:
         raise ValueError(f"weights given for models not in the list: {sorted(unknown)}")
     dev = resolve_device(device)
-    datasets: dict[int, Any] = {}
+    datasets = DatasetsBySize(data, ann, skip_bad=skip_bad, voc_split=voc_split)
     out: dict[str, Any] = {"data": str(data), "eps": float(eps), "seed": int(seed), "models": list(models),
                            "weights": {}, "scores": {}, "seconds": {}, "attack_settings": {}}
     resolved_metric = None
@@ -103,8 +104,6 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
         det = det.to(dev).eval()
         out["weights"][mname] = origin
         size = int(det.input_size)
-        if size not in datasets:
-            datasets[size] = load_eval_dataset(data, ann, size=size, voc_split=voc_split, skip_bad=skip_bad)
         ds = datasets[size]
         if int(det.num_classes) > int(ds.num_classes):
             raise ValueError(f"{mname} predicts {det.num_classes} classes but {data} has {ds.num_classes} "
@@ -173,7 +172,7 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
     out["images"] = n_images
     out["intervals"] = None
     # what the reader skipped, dropped or converted (the same source images at every size)
-    out["data_report"] = next(iter(datasets.values())).report.as_dict() if datasets else None
+    out["data_report"] = datasets.first.report.as_dict() if len(datasets) else None
     if n_boot:
         from advdet.bench.intervals import grid_intervals
 

@@ -47,13 +47,13 @@ from advdet.attacks.registry import ATTACKS
 from advdet.attacks.seeding import seed_batch
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
 from advdet.bench.loading import LoadedModel, UntrainedModelError, load_ensemble, load_model
+from advdet.bench.pipeline import DatasetsBySize
 from advdet.bench.runtime import release_memory, resolve_device
 from advdet.bench.transfer_examples import add_relevance, clean_example_rows, record_examples
 from advdet.bench.transfer_report import json_ready, transfer_report
 from advdet.bench.transfer_rows import (NO_ATTACK, build_row_attack, ensemble_members, is_classifier_attack,
                                         plan_rows, sweep_values_of)
 from advdet.bench.transfer_scores import row_record, victim_metrics
-from advdet.data.collate import collate_detection
 from advdet.data.letterbox import reletterbox
 from advdet.metrics.perturbation import perturbation_stats
 from advdet.models.evaluate import predictions_to_coco
@@ -127,8 +127,6 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     perturbation, failure, seconds), ``victims``, ``surrogates``, ``models`` (their info), ``images``,
     ``image_ids``, ``skipped``, ``bootstrap`` (the intervals, None when ``n_boot`` is 0) and the settings.
     """
-    from advdet.data.registry import build_dataset
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
     dev = resolve_device(device)
     weights = dict(weights or {})
@@ -207,17 +205,12 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     rows = plan_rows(sur_models, wanted, eps=eps, sweep=sweep, sweep_values=sweep_values, classifier=classifier,
                      attack_kwargs=attack_kwargs, registry=registry, notes=notes, leave_one_out=loo_pool)
 
-    # ---- data (one letterboxed copy per input size; same image order in each)
-    datasets: dict[int, Any] = {}
-
-    def ds_at(size: int):
-        if size not in datasets:
-            datasets[size] = build_dataset(data, ann, size=size, skip_bad=skip_bad)
-        return datasets[size]
+    # ---- data (one letterboxed copy per input size; same image order in each; masks for mask victims)
+    datasets = DatasetsBySize(data, ann, skip_bad=skip_bad, masks=True)
 
     crafters = list(dict.fromkeys(list(sur_models) + [r.surrogate for r in rows if r.kind == "detector"]))
     ref_size = loaded[crafters[0]].input_size if crafters else loaded[victim_models[0]].input_size
-    ds0 = ds_at(ref_size)
+    ds0 = datasets[ref_size]
     n = len(ds0) if limit is None else min(int(limit), len(ds0))
     if n <= 0:
         raise ValueError(f"{data}: no images to evaluate")
@@ -229,9 +222,6 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     n_examples = min(int(examples), n)
     det_surrogates = {m for s in crafters for m in ensemble_members(s)}
     rel_model = loaded[crafters[0]] if crafters else None
-
-    def batch_at(size: int, idx: list[int]):
-        return collate_detection([ds_at(size)[i] for i in idx])
 
     # per row and victim: COCO results; per victim: clean thresholded predictions (failure-rate reference)
     results: dict[tuple[int, str], list] = {}
@@ -259,7 +249,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
             results[(0, v)] = []
             failure[(0, v)] = FailureCounter(score_thresh, iou)
             for idx in batches:
-                x, targets = batch_at(loaded[v].input_size, idx)
+                x, targets = datasets.batch(loaded[v].input_size, idx)
                 outs = predict(v, x)
                 results[(0, v)] += predictions_to_coco(outs, targets, ds0.label_to_cat_id)
                 for o in outs:
@@ -284,7 +274,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
                 results[(ri, v)] = []
                 failure[(ri, v)] = FailureCounter(score_thresh, iou)
             for idx in batches:
-                x, targets = batch_at(size, idx)
+                x, targets = datasets.batch(size, idx)
                 params = [t["letterbox"] for t in targets]
                 mask = letterbox_mask(params, size, size)
                 tc, cc = time.perf_counter(), time.process_time()
