@@ -73,12 +73,12 @@ def test_a_bug_keeps_its_traceback(monkeypatch, images, tmp_path, command, bug):
     with exit 2 (what `attack` and `dataset` printed before)."""
     import advdet.bench.aoco as aoco
     import advdet.bench.craft as craft
-    import advdet.models.zoo as zoo
+    import advdet.models.hub as hub
 
     def broken(*a, **k):
         raise bug
 
-    target = {"eval": (zoo, "build_model"), "attack": (craft, "craft_dataset"), "dataset": (aoco, "build_aoco")}
+    target = {"eval": (hub, "get_model"), "attack": (craft, "craft_dataset"), "dataset": (aoco, "build_aoco")}
     monkeypatch.setattr(*target[command], broken)
     d, ann = images
     args = {"eval": ["--model", "retinanet"], "attack": ["--attack", "pgd", "--model", "ssd_vgg"], "dataset": []}
