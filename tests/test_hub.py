@@ -207,3 +207,15 @@ def test_provenance_of_a_given_file_and_the_untrained_rule(tmp_path, monkeypatch
         load_model("ssd_vgg")  # the benchmarks' one place that may allow them
     loaded = load_model("ssd_vgg", allow_untrained=True)
     assert loaded.provenance == Provenance("untrained") and not loaded.trained and loaded.origin == "untrained"
+
+
+def test_a_loaded_model_made_by_hand_gets_its_provenance_from_its_fields():
+    from torch import nn
+
+    from advdet.bench.loading import LoadedModel
+
+    entry = zoo_entry("ssd_vgg")
+    assert LoadedModel("mine", nn.Module(), "detector", 32, False, True, None).origin == "given"
+    assert LoadedModel("ssd_vgg", nn.Module(), "detector", 256, False, False, None).origin == "untrained"
+    zoo = LoadedModel("ssd_vgg", nn.Module(), "detector", 256, False, True, None)
+    assert zoo.origin == str(entry.weights_path) and zoo.weights_sha256 == provenance("ssd_vgg").sha256

@@ -53,8 +53,11 @@ class LoadedModel:
 
     def _provenance(self) -> Provenance:
         if self.provenance is None:
-            self.provenance = provenance(self.name, weights=self.weights, pretrained=self.trained,
-                                         given=self.trained and self.weights is None and is_external(self.name))
+            try:
+                self.provenance = provenance(self.name, weights=self.weights, pretrained=self.trained,
+                                             given=self.trained and self.weights is None and is_external(self.name))
+            except KeyError:  # not a hub name: a module built elsewhere
+                self.provenance = Provenance("given")
         return self.provenance
 
     @property
