@@ -34,3 +34,44 @@ def test_datasets_by_size_reads_each_size_once_in_the_same_order(tiny_data):
 def test_datasets_by_size_masks_only_for_the_transfer_reader(tiny_data):
     assert DatasetsBySize(tiny_data, masks=True)[64].with_masks  # shapes has a segmentation per object
     assert not DatasetsBySize(tiny_data)[64].with_masks           # evaluation reader: boxes only
+
+
+def test_crafter_batches_follow_the_seed_policy_and_quantise(tiny_data):
+    from advdet.attacks.batches import letterbox_mask
+    from advdet.attacks.quantize import quantize_adv, to_uint8
+    from advdet.attacks.registry import build_attack
+    from advdet.attacks.seeding import seed_batch
+    from advdet.bench.pipeline import Crafter
+
+    ds = DatasetsBySize(tiny_data, masks=True)
+    atk = build_attack("gaussian", None, valid_only=True, seed=7)
+    crafted = list(Crafter(atk, 7, torch.device("cpu")).batches(ds, 64, [[0, 1], [2]]))
+    assert [b.indices for b in crafted] == [[0, 1], [2]] and all(b.size == 64 for b in crafted)
+    for b in crafted:
+        x, targets = ds.batch(64, b.indices)
+        mask = letterbox_mask([t["letterbox"] for t in targets], 64, 64)
+        seed_batch(atk, 7, b.indices[0])
+        expect = quantize_adv(atk(x, None, mask=mask), x, None, mask=mask)
+        assert b.adv.dtype == torch.uint8 and torch.equal(b.adv, expect)
+        assert torch.equal(b.x, x) and torch.equal(b.mask, mask) and torch.equal(b.clean_u8, to_uint8(x))
+        assert len(b.stats["rmse"]) == len(b.indices) and b.diagnostics is None
+    floats = list(Crafter(atk, 7, torch.device("cpu"), quantize=False).batches(ds, 64, [[2]]))
+    seed_batch(atk, 7, 2)
+    x, targets = ds.batch(64, [2])
+    mask = letterbox_mask([t["letterbox"] for t in targets], 64, 64)
+    assert torch.equal(floats[0].adv, atk(x, None, mask=mask)) and floats[0].stats is None
+    # craft(): the same seed policy on a batch the caller holds (robustness, analyses)
+    assert torch.equal(Crafter(atk, 7, torch.device("cpu")).craft(2, x, None, mask), floats[0].adv)
+
+
+def test_model_set_loads_once_and_skips_what_it_may():
+    from advdet.bench.loading import UntrainedModelError
+    from advdet.bench.pipeline import ModelSet
+    from advdet.models.yolov3 import yolov3_small
+
+    yolo = yolov3_small(num_classes=3, input_size=64).eval()
+    ms = ModelSet(device=torch.device("cpu"), models={"yolo": yolo}, skip_unavailable=True)
+    assert ms.get("yolo") is ms.get("yolo") and ms["yolo"].model is yolo and ms["yolo"].input_size == 64
+    assert ms.get("torchvision:fcos_tiny") is None and ms.skipped[0].startswith("model torchvision:fcos_tiny:")
+    with pytest.raises(UntrainedModelError):
+        ModelSet(device=torch.device("cpu")).get("torchvision:fcos_tiny")

@@ -25,6 +25,12 @@ does not depend on its input size. The attacker never sees the ground truth (``u
 attacks use the surrogate's clean predictions, classifier attacks the classifier's clean prediction
 (RAD sec. 4.3).
 
+The parts (the crafting pipeline the other benchmarks share): :class:`advdet.bench.pipeline.ModelSet` loads
+the models, :class:`advdet.bench.pipeline.DatasetsBySize` letterboxes the data per input size,
+:class:`advdet.bench.pipeline.Crafter` crafts a row batch by batch (seed policy, quantisation, perturbation
+statistics), :class:`advdet.bench.transfer_victims.VictimSet` has every victim predict and keeps the COCO
+results and failure counts, :class:`advdet.bench.transfer_scores.RowResult` is a row's typed result.
+
 Output: :mod:`advdet.bench.transfer_report` (JSON, tables, figures), :mod:`advdet.bench.transfer_examples`
 (the report's image grids).
 """
@@ -33,30 +39,22 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from advdet.attacks.batches import letterbox_mask
-from advdet.attacks.ensemble import is_ensemble_name
-from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.registry import ATTACKS
-from advdet.attacks.seeding import seed_batch
-from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH, FailureCounter, threshold_detections
-from advdet.bench.loading import LoadedModel, UntrainedModelError, load_ensemble, load_model
-from advdet.bench.pipeline import DatasetsBySize
+from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH
+from advdet.bench.loading import UntrainedModelError
+from advdet.bench.pipeline import CraftedBatch, Crafter, DatasetsBySize, ModelSet
 from advdet.bench.runtime import release_memory, resolve_device
 from advdet.bench.transfer_examples import add_relevance, clean_example_rows, record_examples
 from advdet.bench.transfer_report import json_ready, transfer_report
-from advdet.bench.transfer_rows import (NO_ATTACK, build_row_attack, ensemble_members, is_classifier_attack,
+from advdet.bench.transfer_rows import (NO_ATTACK, RowSpec, build_row_attack, ensemble_members, is_classifier_attack,
                                         plan_rows, sweep_values_of)
-from advdet.bench.transfer_scores import row_record, victim_metrics
-from advdet.data.letterbox import reletterbox
-from advdet.metrics.perturbation import perturbation_stats
-from advdet.models.evaluate import predictions_to_coco
+from advdet.bench.transfer_scores import RowResult
+from advdet.bench.transfer_victims import VictimSet
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +64,121 @@ __all__ = ["transfer_matrix", "ModelUnavailable"]
 ModelUnavailable = UntrainedModelError
 
 
+# ------------------------------------------------------------------------------------------------- the parts
+class _Progress:
+    """A rich progress bar over the run's batches (nothing when disabled); ``advance(desc)`` one step."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.bar, self.task = enabled, total, None, None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False).__enter__()
+            self.task = self.bar.add_task("transfer", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def advance(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=desc)
+
+
+def _say(msg: str, on_progress: Callable[[str], None] | None) -> None:
+    log.info(msg)
+    if on_progress is not None:
+        on_progress(msg)
+
+
+def _known_attacks(attacks: Sequence[str], skip_unavailable: bool, skipped: list[str]) -> list[str]:
+    """The registered attacks of ``attacks`` (``gaussian``: the Ablation row); an unknown one raises
+    ``KeyError``, or is noted in ``skipped`` with ``skip_unavailable``."""
+    wanted = []
+    for a in attacks:
+        if a in ATTACKS or a == "gaussian":
+            wanted.append(a)
+        elif skip_unavailable:
+            skipped.append(f"attack {a}: not registered (known: {', '.join(ATTACKS)})")
+        else:
+            raise KeyError(f"unknown attack {a!r}; registered: {', '.join(ATTACKS)}")
+    return wanted
+
+
+def _resolve_models(models: ModelSet, victims: Sequence[str], surrogates: Sequence[str], wanted: list[str],
+                    classifier: str, leave_one_out: bool | Sequence[str]
+                    ) -> tuple[list[str], list[str], list[str] | None, list[str]]:
+    """Load the victims, surrogates, leave-one-out ensembles and classifier: (victims, surrogates,
+    leave-one-out pool or None, attacks) that are available; attacks left without a surrogate are
+    dropped with a note in ``models.skipped``."""
+    victim_models = [v for v in dict.fromkeys(victims) if models.get(v) is not None]
+    for v in victim_models:
+        if models[v].kind != "detector":
+            raise ValueError(f"victim {v!r} is not a detector")
+    if not victim_models:
+        raise ModelUnavailable("no victim model is available")
+    sur_models = [s for s in dict.fromkeys(surrogates) if models.get(s) is not None]
+    for s in sur_models:
+        if models[s].kind != "detector":
+            raise ValueError(f"surrogate {s!r} is not a detector (classifier attacks use `classifier=`)")
+    loo_pool: list[str] | None = None
+    if leave_one_out:
+        loo_pool = list(victim_models) if leave_one_out is True else [m for m in dict.fromkeys(leave_one_out)
+                                                                      if models.get(m) is not None]
+        for h in loo_pool:
+            if models.get("+".join(p for p in loo_pool if p != h)) is None:
+                raise ModelUnavailable(f"leave-one-out: the ensemble without {h} cannot be loaded")
+    if any(is_classifier_attack(a) for a in wanted) and models.get(classifier) is None:
+        dropped = [a for a in wanted if is_classifier_attack(a)]
+        models.skipped.append(f"attacks {', '.join(dropped)}: classifier {classifier!r} unavailable")
+        wanted = [a for a in wanted if not is_classifier_attack(a)]
+    if not sur_models and not loo_pool and any(not is_classifier_attack(a) and a != "gaussian" for a in wanted):
+        dropped = [a for a in wanted if not is_classifier_attack(a) and a != "gaussian"]
+        models.skipped.append(f"attacks {', '.join(dropped)}: no detector surrogate available")
+        wanted = [a for a in wanted if is_classifier_attack(a) or a == "gaussian"]
+    return victim_models, sur_models, loo_pool, wanted
+
+
+def _clean_row(spec: RowSpec, victims: VictimSet, batches: list[list[int]], ex_store: list[dict], ds0,
+               prog: _Progress) -> RowResult:
+    """No Attack: every victim on the clean images at its own input size (the failure rates' reference)."""
+    row = RowResult(spec)
+    t0, c0 = time.perf_counter(), time.process_time()
+    victims.start_row(0)
+    for v in victims.names:
+        for idx in batches:
+            victims.clean(v, idx)
+            prog.advance(f"{NO_ATTACK} · {v}")
+    clean_example_rows(ex_store, ds0, victims.names, victims.clean_ref, victims.loaded)
+    row.add_eval(time.perf_counter() - t0, time.process_time() - c0)
+    return row
+
+
+def _attack_row(ri: int, spec: RowSpec, crafted: Iterator[CraftedBatch], victims: VictimSet, ex_store: list[dict], prog: _Progress
+                ) -> RowResult:
+    """One attack row: every crafted batch (``Crafter.batches``) predicted by every victim."""
+    row = RowResult(spec)
+    victims.start_row(ri)
+    for b in crafted:
+        row.add_crafted(b)
+        te, ce = time.perf_counter(), time.process_time()
+        preds, params_v = victims.attacked(ri, b)
+        row.add_eval(time.perf_counter() - te, time.process_time() - ce)
+        if b.indices[0] < len(ex_store):
+            record_examples(ex_store, ri, b.indices, b.clean_u8, b.adv, b.params, preds, params_v, victims.names,
+                            victims.score_thresh)
+        del b, preds
+        release_memory()
+        prog.advance(spec.label)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------- the benchmark
-def _make_progress(progress: bool):
-    if not progress:
-        return nullcontext(None)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)
-
-
 def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str], data: str, *, ann=None,
                     eps: float | Sequence[float] = 16.0, limit: int | None = None, batch_size: int = 8, seed: int = 0,
                     device=None, attack_kwargs: Mapping[str, dict] | None = None, out_dir=None,
@@ -129,213 +231,59 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     dev = resolve_device(device)
-    weights = dict(weights or {})
-    models = dict(models or {})
-    sizes = dict(sizes or {})
     skipped: list[str] = []
     notes: list[str] = []
-    diagnostics: dict[int, Any] = {}  # per row: the attack's own diagnostics (RAD), merged over batches
-    registry = ATTACKS
-
-    def say(msg: str) -> None:
-        log.info(msg)
-        if on_progress is not None:
-            on_progress(msg)
-
-    # ---- attacks
-    wanted = []
-    for a in attacks:
-        if a in registry or a == "gaussian":
-            wanted.append(a)
-        elif skip_unavailable:
-            skipped.append(f"attack {a}: not registered (known: {', '.join(registry)})")
-        else:
-            raise KeyError(f"unknown attack {a!r}; registered: {', '.join(registry)}")
-
-    # ---- models
-    loaded: dict[str, LoadedModel] = {}
-
-    def get(name: str) -> LoadedModel | None:
-        if name in loaded:
-            return loaded[name]
-        if is_ensemble_name(name):
-            lm = load_ensemble(name, get)
-            if lm is None:
-                skipped.append(f"ensemble {name}: a member is unavailable")
-                return None
-            loaded[name] = lm
-            return lm
-        try:
-            lm = load_model(name, weights=weights.get(name), allow_untrained=allow_untrained, device=dev,
-                            model=models.get(name), input_size=sizes.get(name))
-        except ModelUnavailable as err:
-            if not skip_unavailable:
-                raise
-            skipped.append(f"model {name}: {err}")
-            return None
-        loaded[name] = lm
-        return lm
-
-    victim_models = [v for v in dict.fromkeys(victims) if get(v) is not None]
-    for v in victim_models:
-        if loaded[v].kind != "detector":
-            raise ValueError(f"victim {v!r} is not a detector")
-    if not victim_models:
-        raise ModelUnavailable("no victim model is available")
-    sur_models = [s for s in dict.fromkeys(surrogates) if get(s) is not None]
-    for s in sur_models:
-        if loaded[s].kind != "detector":
-            raise ValueError(f"surrogate {s!r} is not a detector (classifier attacks use `classifier=`)")
-    loo_pool: list[str] | None = None
-    if leave_one_out:
-        loo_pool = list(victim_models) if leave_one_out is True else [m for m in dict.fromkeys(leave_one_out)
-                                                                      if get(m) is not None]
-        for h in loo_pool:
-            if get("+".join(p for p in loo_pool if p != h)) is None:
-                raise ModelUnavailable(f"leave-one-out: the ensemble without {h} cannot be loaded")
-    if any(is_classifier_attack(a) for a in wanted) and get(classifier) is None:
-        dropped = [a for a in wanted if is_classifier_attack(a)]
-        skipped.append(f"attacks {', '.join(dropped)}: classifier {classifier!r} unavailable")
-        wanted = [a for a in wanted if not is_classifier_attack(a)]
-    if not sur_models and not loo_pool and any(not is_classifier_attack(a) and a != "gaussian" for a in wanted):
-        dropped = [a for a in wanted if not is_classifier_attack(a) and a != "gaussian"]
-        skipped.append(f"attacks {', '.join(dropped)}: no detector surrogate available")
-        wanted = [a for a in wanted if is_classifier_attack(a) or a == "gaussian"]
-
+    wanted = _known_attacks(attacks, skip_unavailable, skipped)
+    model_set = ModelSet(device=dev, weights=weights, models=models, sizes=sizes, allow_untrained=allow_untrained,
+                         skip_unavailable=skip_unavailable, skipped=skipped)
+    victim_models, sur_models, loo_pool, wanted = _resolve_models(model_set, victims, surrogates, wanted, classifier,
+                                                                  leave_one_out)
+    loaded = model_set.loaded
     rows = plan_rows(sur_models, wanted, eps=eps, sweep=sweep, sweep_values=sweep_values, classifier=classifier,
-                     attack_kwargs=attack_kwargs, registry=registry, notes=notes, leave_one_out=loo_pool)
+                     attack_kwargs=attack_kwargs, registry=ATTACKS, notes=notes, leave_one_out=loo_pool)
 
     # ---- data (one letterboxed copy per input size; same image order in each; masks for mask victims)
     datasets = DatasetsBySize(data, ann, skip_bad=skip_bad, masks=True)
-
-    crafters = list(dict.fromkeys(list(sur_models) + [r.surrogate for r in rows if r.kind == "detector"]))
-    ref_size = loaded[crafters[0]].input_size if crafters else loaded[victim_models[0]].input_size
+    crafting = list(dict.fromkeys(list(sur_models) + [r.surrogate for r in rows if r.kind == "detector"]))
+    ref_size = loaded[crafting[0]].input_size if crafting else loaded[victim_models[0]].input_size
     ds0 = datasets[ref_size]
     n = len(ds0) if limit is None else min(int(limit), len(ds0))
     if n <= 0:
         raise ValueError(f"{data}: no images to evaluate")
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-    gt = ds0.coco_gt
-    cat_names = [c["name"] for c in ds0.categories]
-    cat_name_by_id = {c["id"]: c["name"] for c in ds0.categories}
     image_ids = [int(ds0.image_ids[i]) for i in range(n)]
-    n_examples = min(int(examples), n)
-    det_surrogates = {m for s in crafters for m in ensemble_members(s)}
-    rel_model = loaded[crafters[0]] if crafters else None
+    det_surrogates = {m for s in crafting for m in ensemble_members(s)}
+    victim_set = VictimSet(victim_models, loaded, datasets, dev, ds0.label_to_cat_id, score_thresh, iou)
+    ex_store = [{"index": i, "image_id": image_ids[i], "rows": {}} for i in range(min(int(examples), n))]
 
-    # per row and victim: COCO results; per victim: clean thresholded predictions (failure-rate reference)
-    results: dict[tuple[int, str], list] = {}
-    clean_ref: dict[str, list[dict]] = {v: [] for v in victim_models}
-    failure: dict[tuple[int, str], FailureCounter] = {}
-    ex_store: list[dict] = [{"index": i, "image_id": image_ids[i], "rows": {}} for i in range(n_examples)]
-    row_out: list[dict] = []
-
-    @torch.no_grad()
-    def predict(v: str, x: torch.Tensor) -> list[dict]:
-        return loaded[v].model.predict(x.to(dev))
-
-    total_steps = len(victim_models) * len(batches) + (len(rows) - 1) * len(batches)
-    with _make_progress(progress) as prog:
-        task = prog.add_task("transfer", total=total_steps) if prog is not None else None
-
-        def advance(desc: str) -> None:
-            if prog is not None:
-                prog.update(task, advance=1, description=desc)
-
-        # ---- No Attack: every victim on the clean images at its own input size
-        t0, c0 = time.perf_counter(), time.process_time()
-        say(f"{NO_ATTACK}: {len(victim_models)} victims on {n} images")
-        for v in victim_models:
-            results[(0, v)] = []
-            failure[(0, v)] = FailureCounter(score_thresh, iou)
-            for idx in batches:
-                x, targets = datasets.batch(loaded[v].input_size, idx)
-                outs = predict(v, x)
-                results[(0, v)] += predictions_to_coco(outs, targets, ds0.label_to_cat_id)
-                for o in outs:
-                    c = threshold_detections(o, score_thresh)
-                    clean_ref[v].append(c)
-                    failure[(0, v)].update(c, c, thresholded=True)
-                advance(f"{NO_ATTACK} · {v}")
-        clean_example_rows(ex_store, ds0, victim_models, clean_ref, loaded)
-        row_seconds = {0: {"craft": 0.0, "eval": time.perf_counter() - t0, "craft_cpu": 0.0,
-                           "eval_cpu": time.process_time() - c0}}
-        pert: dict[int, dict] = {0: {"rmse": 0.0, "linf": 0.0, "linf_max": 0.0}}
-
-        # ---- every other row: craft once, quantise, all victims
+    # ---- No Attack, then every other row: craft once (quantised), all victims
+    with _Progress(progress, (len(victim_models) + len(rows) - 1) * len(batches)) as prog:
+        _say(f"{NO_ATTACK}: {len(victim_models)} victims on {n} images", on_progress)
+        results = [_clean_row(rows[0], victim_set, batches, ex_store, ds0, prog)]
         for ri, spec in enumerate(rows[1:], start=1):
-            crafter = loaded[spec.surrogate] if spec.surrogate is not None else None
-            size = crafter.input_size if crafter is not None else ref_size
-            atk = build_row_attack(spec, crafter.model if crafter is not None else None, seed, dev, registry)
-            say(f"{spec.label}: crafting on {spec.surrogate or '-'} ({n} images, {size}px)")
-            t_craft = t_eval = c_craft = c_eval = 0.0
-            rmse, linf = [], []
-            for v in victim_models:
-                results[(ri, v)] = []
-                failure[(ri, v)] = FailureCounter(score_thresh, iou)
-            for idx in batches:
-                x, targets = datasets.batch(size, idx)
-                params = [t["letterbox"] for t in targets]
-                mask = letterbox_mask(params, size, size)
-                tc, cc = time.perf_counter(), time.process_time()
-                seed_batch(atk, seed, idx[0])
-                tg = [{k: t[k] for k in ("boxes", "labels", "letterbox")} for t in targets] if use_gt else None
-                x_adv = atk(x.to(dev), tg, mask=mask.to(dev))
-                diag = (getattr(atk, "last_state", None) or {}).get("diagnostics")
-                if diag is not None:  # RAD's (advdet.attacks.rad.RADDiagnostics), merged over batches
-                    diagnostics[ri] = diag if ri not in diagnostics else diagnostics[ri].merge(diag)
-                q = quantize_adv(x_adv.cpu(), x, getattr(atk, "eps", None), mask=mask)
-                clean_u8 = to_uint8(x)
-                st = perturbation_stats(clean_u8, q, mask=mask)
-                rmse += st["rmse"]
-                linf += st["linf"]
-                t_craft += time.perf_counter() - tc
-                c_craft += time.process_time() - cc
-                te, ce = time.perf_counter(), time.process_time()
-                preds, params_v = {}, {}
-                for v in victim_models:
-                    sv = loaded[v].input_size
-                    if sv == size:
-                        xv, pv = q.float() / 255.0, params
-                    else:
-                        xv, pv = reletterbox(q, params, sv)
-                    outs = predict(v, xv)
-                    preds[v], params_v[v] = outs, pv
-                    tv = [{"letterbox": p, "image_id": t["image_id"]} for p, t in zip(pv, targets)]
-                    results[(ri, v)] += predictions_to_coco(outs, tv, ds0.label_to_cat_id)
-                    for j, o in enumerate(outs):
-                        failure[(ri, v)].update(clean_ref[v][idx[j]], threshold_detections(o, score_thresh),
-                                                thresholded=True)
-                t_eval += time.perf_counter() - te
-                c_eval += time.process_time() - ce
-                if idx[0] < n_examples:
-                    record_examples(ex_store, ri, idx, clean_u8, q, params, preds, params_v, victim_models,
-                                    score_thresh)
-                del x_adv, preds
-                release_memory()
-                advance(spec.label)
-            row_seconds[ri] = {"craft": t_craft, "eval": t_eval, "craft_cpu": c_craft, "eval_cpu": c_eval}
-            pert[ri] = {"rmse": float(np.mean(rmse)), "linf": float(np.mean(linf)), "linf_max": float(np.max(linf))}
+            sur = loaded[spec.surrogate] if spec.surrogate is not None else None
+            size = sur.input_size if sur is not None else ref_size
+            atk = build_row_attack(spec, sur.model if sur is not None else None, seed, dev, ATTACKS)
+            _say(f"{spec.label}: crafting on {spec.surrogate or '-'} ({n} images, {size}px)", on_progress)
+            crafted = Crafter(atk, seed, dev).batches(datasets, size, batches, use_gt=use_gt)
+            results.append(_attack_row(ri, spec, crafted, victim_set, ex_store, prog))
 
     # ---- relevance before / after on the surrogate (grid images)
-    if relevance and n_examples:
-        add_relevance(ex_store, rows, loaded, rel_model, dev)
+    if relevance and ex_store:
+        add_relevance(ex_store, rows, loaded, loaded[crafting[0]] if crafting else None, dev)
 
     # ---- scores
-    for ri, spec in enumerate(rows):
-        metrics = {v: victim_metrics(gt, results[(ri, v)], image_ids, cat_name_by_id, loaded[v].has_masks)
-                   for v in victim_models}
-        fail = {v: failure[(ri, v)].rates() for v in victim_models}
-        row_out.append(row_record(spec, metrics, fail, victim_models, det_surrogates, pert[ri], row_seconds[ri],
-                                  diagnostics.get(ri)))
-
+    cat_name_by_id = {c["id"]: c["name"] for c in ds0.categories}
+    for ri, row in enumerate(results):
+        row.metrics, row.failure = victim_set.scores(ri, ds0.coco_gt, image_ids, cat_name_by_id)
+    row_out = [row.to_json(victim_models, det_surrogates) for row in results]
     boot, boot_samples = None, {}
     if n_boot:
         from advdet.bench.intervals import transfer_intervals
 
-        say(f"bootstrap: {n_boot} resamples of {n} images")
-        boot = transfer_intervals(row_out, results, gt, image_ids, victim_models, n_boot=n_boot, seed=boot_seed,
-                                  level=ci_level, reference=paired_with, samples_out=boot_samples)
+        _say(f"bootstrap: {n_boot} resamples of {n} images", on_progress)
+        boot = transfer_intervals(row_out, victim_set.results, ds0.coco_gt, image_ids, victim_models, n_boot=n_boot,
+                                  seed=boot_seed, level=ci_level, reference=paired_with, samples_out=boot_samples)
     eps_out = [float(e) for e in eps] if isinstance(eps, (list, tuple)) else float(eps)
     out = {
         "kind": "transfer", "data": str(data), "ann": None if ann is None else str(ann), "images": n,
@@ -344,7 +292,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
         "victims": victim_models, "attacks": wanted, "leave_one_out": loo_pool,
         "sweep": None if not any(r.sweep for r in rows) else {"name": next(r.sweep for r in rows if r.sweep),
                                                               "values": sweep_values_of(rows)},
-        "models": {k: m.info() for k, m in loaded.items()}, "class_names": cat_names,
+        "models": {k: m.info() for k, m in loaded.items()}, "class_names": [c["name"] for c in ds0.categories],
         "rows": row_out, "bootstrap": boot, "skipped": skipped, "notes": notes, "device": str(dev),
         "data_report": ds0.report.as_dict(),  # what the reader skipped, dropped or converted
         "seconds": round(time.perf_counter() - t_start, 3),
