@@ -22,17 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from advdet.attacks.seeding import seed_batch
 from advdet.bench.analyses_measures import (LOSS_CHANGE_PAIRS, confidence_distribution, conv_layers,
                                             gradient_entanglement, histogram, loss_change, summary)
 from advdet.bench.loading import load_detector
+from advdet.bench.pipeline import Crafter, DatasetsBySize, index_batches
 from advdet.bench.plots import figure_png, new_figure
 from advdet.bench.robustness_columns import attack_label, attack_targets, build_table_attack
-from advdet.bench.robustness_scoring import load_eval_dataset
 from advdet.bench.runtime import jsonable, nan_to_none, resolve_device
-from advdet.data.collate import collate_detection
 from advdet.data.io import atomic_write_bytes, atomic_write_json
 from advdet.models.detector import Detector
 
@@ -114,14 +111,16 @@ def load_batches(detector: Detector, data: str | os.PathLike, *, ann=None, limit
     device: (images, attack targets, image ids)."""
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be >= 1 (got {batch_size}, {limit})")
-    ds = load_eval_dataset(data, ann, size=int(detector.input_size), voc_split=voc_split, skip_bad=skip_bad)
+    size = int(detector.input_size)
+    datasets = DatasetsBySize(data, ann, voc_split=voc_split, skip_bad=skip_bad)
+    ds = datasets[size]
     n = min(limit, len(ds)) if limit else len(ds)
     if n == 0:
         raise ValueError(f"{data}: no images")
     dev = detector.device
     xs, tgs, ids = [], [], []
-    for images, targets in DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False,
-                                      collate_fn=collate_detection):
+    for idx in index_batches(n, batch_size):
+        images, targets = datasets.batch(size, idx)
         xs.append(images.to(dev))
         tgs.append(attack_targets(targets, dev))
         ids += [int(t["image_id"]) for t in targets]
@@ -146,10 +145,10 @@ def _craft(detector: Detector, attack: str, xs: list[torch.Tensor], tgs: list[li
     atk = build_table_attack(spec.name, detector, eps=eps, steps=steps, seed=seed, overrides=spec.kwargs)
     if atk is None:
         raise ValueError("the analyses need an attack, not 'clean'")
+    crafter = Crafter(atk, seed, detector.device, quantize=False)  # float, white box, ground truth
     out, start = [], 0
     for x, t in zip(xs, tgs):
-        seed_batch(atk, seed, start)
-        out.append(atk(x, t))
+        out.append(crafter.craft(start, x, t))
         start += x.shape[0]
     return out, {"attack": atk.name, **jsonable(atk.hyperparameters())}
 

@@ -2,9 +2,9 @@
 
 - :class:`ModelSet`: the run's models loaded once by name (``a+b`` ensembles from their members), with a
   note in ``skipped`` for a model that cannot be loaded when the run skips those;
-- :class:`DatasetsBySize`: the one per-size dataset cache of ``bench transfer``, ``bench robustness`` and
-  the relevance similarity: every model reads the same images, in the same order, letterboxed to its
-  own input size, and each size is read once;
+- :class:`DatasetsBySize`: the one per-size dataset cache of ``bench transfer``, ``bench robustness``, the
+  analyses and the relevance similarity, read in batches of :func:`index_batches`: every model reads the
+  same images, in the same order, letterboxed to its own input size, and each size is read once;
 - :class:`Crafter`: one attack under the seed policy of :mod:`advdet.attacks.seeding` (the batch whose
   first image has index ``i`` is crafted after ``seed_batch(attack, seed, i)``); ``Crafter.batches``
   yields a :class:`CraftedBatch` per batch of a dataset: the clean images, the adversarial ones
@@ -12,7 +12,8 @@
   the letterbox parameters, the perturbation statistics and the attack's diagnostics.
 
 ``bench transfer`` crafts with all three (and :class:`advdet.bench.transfer_victims.VictimSet`);
-``bench robustness`` and the analyses craft white box with ``Crafter.craft`` on float images.
+``bench robustness`` and the analyses craft white box (ground truth, no mask) with ``Crafter.craft`` and
+evaluate the float images, unquantised, as RobustDet's evaluation does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from advdet.bench.loading import LoadedModel, UntrainedModelError, load_ensemble
 from advdet.data.collate import collate_detection
 from advdet.metrics.perturbation import perturbation_stats
 
-__all__ = ["ModelSet", "DatasetsBySize", "Crafter", "CraftedBatch"]
+__all__ = ["ModelSet", "DatasetsBySize", "index_batches", "Crafter", "CraftedBatch", "gt_targets"]
 
 
 class ModelSet:
@@ -132,6 +133,11 @@ class DatasetsBySize:
         """Images ``indices`` at ``size``, collated: (images (B, 3, size, size), targets)."""
         ds = self[size]
         return collate_detection([ds[i] for i in indices])
+
+
+def index_batches(n: int, batch_size: int) -> list[list[int]]:
+    """The dataset indices 0 .. n-1 in batches of ``batch_size`` (the last one shorter), in order."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
 
 @dataclass

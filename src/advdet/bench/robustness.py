@@ -31,24 +31,20 @@ given.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from advdet.attacks.seeding import seed_batch
 from advdet.bench.loading import load_detector
-from advdet.bench.pipeline import DatasetsBySize
+from advdet.bench.pipeline import Crafter, DatasetsBySize, index_batches
 from advdet.bench.robustness_columns import (TABLE_ATTACKS, attack_targets, build_table_attack, check_attack_names,
                                              column_names)
 from advdet.bench.robustness_scoring import (Column, boot_samples, is_voc, resolve_metric, score_column, voc_det,
                                              voc_gt)
 from advdet.bench.runtime import jsonable, resolve_device
-from advdet.data.collate import collate_detection
 from advdet.models.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -116,23 +112,21 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
         if n == 0:
             raise ValueError(f"{data}: no images to evaluate")
         n_images = n
-        loader = DataLoader(Subset(ds, range(n)), batch_size=batch_size, shuffle=False,
-                            collate_fn=collate_detection)
         cols = [Column(key, atk, st, [], []) for key, atk, st in plan]
-        attacks = {}
+        crafters: dict[str, Crafter | None] = {}
         for c in cols:
             overrides = attack_kwargs.get(c.attack)
             a = build_table_attack(c.attack, det, eps=eps, steps=c.steps, seed=seed, overrides=overrides)
-            attacks[c.key] = a
+            crafters[c.key] = None if a is None else Crafter(a, seed, dev, quantize=False)  # float, as RobustDet's
             c.settings = {"attack": "none"} if a is None else {"attack": a.name, **jsonable(a.hyperparameters())}
         voc = is_voc(ds)
         ids: list[int] = []
         gts: list[dict] = []
-        n_batches = math.ceil(n / batch_size)
+        batches = index_batches(n, batch_size)
         with _progress(progress) as prog:
-            task = prog.add_task(f"{mname}", total=n_batches * len(cols))
-            start = 0
-            for images, targets in loader:
+            task = prog.add_task(f"{mname}", total=len(batches) * len(cols))
+            for idx in batches:
+                images, targets = datasets.batch(size, idx)
                 x = images.to(dev)
                 tg = attack_targets(targets, dev)
                 ids += [int(t["image_id"]) for t in targets]
@@ -140,12 +134,8 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                 for c in cols:
                     prog.update(task, description=f"{mname}: {c.key}")
                     t0 = time.perf_counter()
-                    a = attacks[c.key]
-                    if a is None:
-                        x_in = x
-                    else:
-                        seed_batch(a, seed, start)
-                        x_in = a(x, tg)
+                    cr = crafters[c.key]
+                    x_in = x if cr is None else cr.craft(idx[0], x, tg)  # white box, ground truth, no mask
                     with torch.no_grad():
                         preds = det.predict(x_in)
                     if dev.type == "cuda":
@@ -158,7 +148,6 @@ def _evaluate_grid(models: Sequence[str], plan: list[tuple[str, str, int | None]
                     else:
                         c.voc_dets += [voc_det(p, t, voc) for p, t in zip(preds, targets)]
                     prog.advance(task)
-                start += x.shape[0]
         out["scores"][mname] = {c.key: score_column(resolved_metric, ds, c, ids, gts) for c in cols}
         if n_boot:
             from advdet.metrics.bootstrap import resample_indices

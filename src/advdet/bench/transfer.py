@@ -47,7 +47,7 @@ from torch import nn
 from advdet.attacks.registry import ATTACKS
 from advdet.bench.failure_rates import DEFAULT_IOU, DEFAULT_SCORE_THRESH
 from advdet.bench.loading import UntrainedModelError
-from advdet.bench.pipeline import CraftedBatch, Crafter, DatasetsBySize, ModelSet
+from advdet.bench.pipeline import CraftedBatch, Crafter, DatasetsBySize, ModelSet, index_batches
 from advdet.bench.runtime import release_memory, resolve_device
 from advdet.bench.transfer_examples import add_relevance, clean_example_rows, record_examples
 from advdet.bench.transfer_report import json_ready, transfer_report
@@ -250,7 +250,7 @@ def transfer_matrix(surrogates: list[str], attacks: list[str], victims: list[str
     n = len(ds0) if limit is None else min(int(limit), len(ds0))
     if n <= 0:
         raise ValueError(f"{data}: no images to evaluate")
-    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    batches = index_batches(n, batch_size)
     image_ids = [int(ds0.image_ids[i]) for i in range(n)]
     det_surrogates = {m for s in crafting for m in ensemble_members(s)}
     victim_set = VictimSet(victim_models, loaded, datasets, dev, ds0.label_to_cat_id, score_thresh, iou)
