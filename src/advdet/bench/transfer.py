@@ -159,8 +159,8 @@ def _clean_row(spec: RowSpec, victims: VictimSet, batches: list[list[int]], ex_s
     return row
 
 
-def _attack_row(ri: int, spec: RowSpec, crafted: Iterator[CraftedBatch], victims: VictimSet, ex_store: list[dict], prog: _Progress
-                ) -> RowResult:
+def _attack_row(ri: int, spec: RowSpec, crafted: Iterator[CraftedBatch], victims: VictimSet,
+                ex_store: list[dict], prog: _Progress) -> RowResult:
     """One attack row: every crafted batch (``Crafter.batches``) predicted by every victim."""
     row = RowResult(spec)
     victims.start_row(ri)
