@@ -20,8 +20,9 @@ from advdet.attacks.ensemble import is_ensemble_name
 from advdet.attacks.quantize import quantize_adv, to_uint8
 from advdet.attacks.rad import RADDiagnostics
 from advdet.attacks.registry import ATTACKS, build_attack
-from advdet.attacks.seeding import batch_seed, crafting_defaults, seed_batch
+from advdet.attacks.seeding import batch_seed, crafting_defaults
 from advdet.attacks.spec import resolve_name
+from advdet.bench.pipeline import Crafter
 from advdet.bench.runtime import jsonable, resolve_device
 from advdet.data.coco import decode_segmentation
 from advdet.data.coco_writer import CocoWriter, encode_mask
@@ -151,6 +152,7 @@ class CraftJob:
             raise CraftError(err.args[0]) from None
         except TypeError as err:
             raise CraftError(str(err)) from None
+        self.crafter = Crafter(self.attack, self.seed, self.device)  # the seed policy of every crafting command
         hp = self.attack.hyperparameters()
         for k in ("seed", "device"):
             hp.pop(k, None)
@@ -303,10 +305,9 @@ class CraftJob:
                 if getattr(self.model, "has_masks", False):
                     t["masks"] = it["masks"]
                 targets.append(t)
-        seed_batch(self.attack, self.seed, first)
         files = [it["file_name"] for _, it in items]
         try:
-            x_adv = self.attack(x.to(self.device), targets, mask=mask.to(self.device))
+            x_adv = self.crafter.craft(first, x, targets, mask)
         except (RuntimeError, FloatingPointError, ValueError) as err:
             raise RuntimeError(f"attack {self.attack_name!r} failed on images {files}: {err}") from err
         keep = mask if self.attack.valid_only else None
@@ -314,7 +315,7 @@ class CraftJob:
             q = quantize_adv(x_adv.detach().cpu(), x, self.eps, keep)
         except ValueError as err:
             raise RuntimeError(f"attack {self.attack_name!r} gave an invalid image for {files}: {err}") from err
-        diag = (getattr(self.attack, "last_state", None) or {}).get("diagnostics")
+        diag = self.crafter.diagnostics()
         if isinstance(diag, RADDiagnostics):  # sums, merged over the batch records into the card
             record["diagnostics"] = dataclasses.asdict(diag)
         clean = to_uint8(x)

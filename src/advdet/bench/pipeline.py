@@ -12,6 +12,7 @@
   the letterbox parameters, the perturbation statistics and the attack's diagnostics.
 
 ``bench transfer`` crafts with all three (and :class:`advdet.bench.transfer_victims.VictimSet`);
+``advdet attack`` / ``dataset`` craft each batch of their resumable job with ``Crafter.craft``;
 ``bench robustness`` and the analyses craft white box (ground truth, no mask) with ``Crafter.craft`` and
 evaluate the float images, unquantised, as RobustDet's evaluation does.
 """
