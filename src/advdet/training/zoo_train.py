@@ -14,7 +14,8 @@ from advdet.data.registry import build_dataset
 from advdet.data.shapes import advdet_home
 from advdet.models.evaluate import evaluate_detector
 from advdet.models.weights import CheckpointError, load_weights_under, read_card, round_to_dtype, save_weights
-from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, build_model, zoo_entry
+from advdet.models.hub import get_model
+from advdet.models.zoo import ZOO_DIR, ZOO_INPUT_SIZE, zoo_entry
 from advdet.training.standard import TrainConfig, train_detector
 from advdet.training.tensor_cache import TensorCache
 
@@ -243,7 +244,7 @@ def compact_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, ev
     if card.get("dtype") == dtype:
         return card
     old = card.get("dtype") or "float32"
-    model = build_model(name)
+    model = get_model(name)
     round_to_dtype(model, entry.storage_dtype)
     card[f"shapes_val_{old}"] = card.get("shapes_val")
     card["compacted_from"] = old
