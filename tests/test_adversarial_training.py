@@ -213,6 +213,13 @@ def test_prepare_model_copies_the_ssd_into_every_kernel_slot(tmp_path):
         prepare_model("robustdet-cfr", det, None)
     with pytest.raises(CheckpointError, match="neither a weights file nor a zoo model"):
         resolve_init(tmp_path / "missing.safetensors")
+    # RobustDet is built from an SSD-VGG only, and its step refuses a plain SSD
+    from advdet.models.yolov3 import yolov3_small
+    with pytest.raises(TypeError, match="builds RobustDet from an SSD-VGG; got YOLOv3Detector"):
+        prepare_model("robustdet", yolov3_small(num_classes=2, input_size=S), None)
+    x, t = _batch(2)
+    with pytest.raises(TypeError, match="RobustDet training needs a RobustSSD .*got SSDVGG"):
+        build_step_fn("robustdet", MethodConfig(pgd_steps=1))(_ssd(), x, t)
 
 
 def test_robust_zoo_entries_recipes_and_missing_init(tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ ALGORITHMS.md 1.2-1.5. :func:`robustdet_from_ssd` turns an :class:`~advdet.model
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from typing import Literal
 
 import torch
@@ -31,6 +33,9 @@ from advdet.models.cfr import CFR, cfr_kld, cfr_recon_loss
 from advdet.models.detector import Detector, DenseOutput, check_finite
 from advdet.models.dynamic_conv import DynamicConv2d
 from advdet.models.ssd_vgg import CONV4_3_INDEX, SSDVGG, SSDVGGNet, ssd_vgg_small
+from advdet.models.weights import load_weights, read_state_dict
+
+log = logging.getLogger(__name__)
 
 # eq. 5 weights (paper Sec. 5.1; the reference code uses the same, with the CFR terms divided by 255)
 BETA, A_AID, B_RE, C_KLD = 0.75, 3.0, 0.16, 5.0
@@ -198,6 +203,45 @@ def robustdet_from_ssd(ssd: SSDVGG, *, K: int = 4, cfr: bool = False,
     probabilities.
     """
     return RobustSSD(ssd, K=K, cfr=cfr, aid=aid)
+
+
+def require_robustdet(detector: nn.Module, what: str) -> RobustSSD:
+    """``detector`` if it is a RobustSSD, else a TypeError saying that ``what`` needs one."""
+    if not isinstance(detector, RobustSSD):
+        raise TypeError(f"{what} needs a RobustSSD (build it with robustdet_from_ssd), got {type(detector).__name__}")
+    return detector
+
+
+def robustdet_for_training(det: nn.Module, init: str | os.PathLike | None, *, K: int, cfr: bool,
+                           aid: Literal["small", "resnet18"] | nn.Module, seed: int, method: str) -> RobustSSD:
+    """The RobustSSD that a RobustDet method trains, from ``det`` and the weights file ``init``.
+
+    ``det`` is an SSDVGG (``init`` loaded into it, then converted by :func:`robustdet_from_ssd`) or a
+    RobustSSD (``init`` is then a RobustSSD checkpoint, loaded as is, or an SSD checkpoint of the same
+    architecture, converted). New parameters (AID, CFR) are drawn after ``torch.manual_seed(seed)``.
+    """
+    if isinstance(det, RobustSSD):
+        if det.has_cfr != cfr:
+            raise ValueError(f"method {method!r} trains a RobustSSD {'with' if cfr else 'without'} CFR, but the "
+                             f"model {'has' if det.has_cfr else 'has no'} CFR")
+        if init is None:
+            log.warning("RobustDet from random weights: the paper starts from a clean SSD (--init ssd_vgg)")
+            return det
+        if set(read_state_dict(init)) == set(det.state_dict()):
+            load_weights(det, init)
+            return det
+        ssd = det.ssd_architecture()
+        load_weights(ssd, init)
+        torch.manual_seed(seed)
+        return robustdet_from_ssd(ssd, K=det.K, cfr=cfr, aid=aid)
+    if not isinstance(det, SSDVGG):
+        raise TypeError(f"method {method!r} builds RobustDet from an SSD-VGG; got {type(det).__name__}")
+    if init is not None:
+        load_weights(det, init)
+    else:
+        log.warning("RobustDet from a random SSD: the paper starts from a clean SSD (--init ssd_vgg)")
+    torch.manual_seed(seed)
+    return robustdet_from_ssd(det, K=K, cfr=cfr, aid=aid)
 
 
 def robustdet_small(*, num_classes: int, input_size: int = 256, K: int = 4, cfr: bool = False,

@@ -41,7 +41,7 @@ from advdet.attacks.losses import CLS_KEYS, LOC_KEYS, sum_keys
 from advdet.attacks.mtd import MTD
 from advdet.attacks.registry import build_attack
 from advdet.models.aid_triplet import AID_MARGIN
-from advdet.models.robustdet import A_AID, B_RE, BETA, C_KLD, RobustSSD, robustdet_loss
+from advdet.models.robustdet import A_AID, B_RE, BETA, C_KLD, require_robustdet, robustdet_loss
 
 SCHEDULES = ("interleaved", "plain")
 TRAINING_ATTACKS = ("cls", "loc", "pgd", "mtd", "cwa")
@@ -243,9 +243,7 @@ class RobustDetStep(AdversarialTrainingStep):
                 "aid_ce": self.aid_ce}
 
     def __call__(self, detector: Any, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
-        if not isinstance(detector, RobustSSD):
-            raise TypeError(f"RobustDet training needs a RobustSSD (build it with robustdet_from_ssd), "
-                            f"got {type(detector).__name__}")
+        require_robustdet(detector, "RobustDet training")
         xc, tc, xs, ts = split_halves(images, targets)
         x_adv, x0, ta = self.examples(detector, xs, ts)
         out = robustdet_loss(detector, xc, tc, x_adv, ta, triplet=self.triplet, margin=self.margin,

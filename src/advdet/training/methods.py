@@ -32,9 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-from advdet.models.robustdet import A_AID, B_RE, BETA, C_KLD, RobustSSD, robustdet_from_ssd
-from advdet.models.ssd_vgg import SSDVGG
-from advdet.models.weights import CheckpointError, load_weights, read_state_dict
+from advdet.models.robustdet import A_AID, B_RE, BETA, C_KLD, robustdet_for_training
+from advdet.models.weights import CheckpointError, load_weights
 from advdet.training.adversarial import (SCHEDULES, TRAINING_ATTACKS, AdversarialExamples, AdversarialTrainingStep,
                                          RobustDetStep)
 from advdet.training.distributed import DistContext
@@ -171,11 +170,9 @@ def prepare_model(method: str, model: str | torch.nn.Module, init: str | os.Path
     """The detector that ``method`` trains: ``model`` (zoo name or module) initialised from ``init``.
 
     Non-RobustDet methods load ``init`` into ``model``. RobustDet methods need an SSD-VGG: ``model`` is an
-    SSDVGG (loaded from ``init``, then turned into a RobustSSD by
-    :func:`~advdet.models.robustdet.robustdet_from_ssd`, every kernel copied into all K slots, a fresh AID
-    and, for ``robustdet-cfr``, fresh CFR heads) or a RobustSSD (``init`` may then be a RobustSSD
-    checkpoint, loaded as is, or an SSD checkpoint of the same architecture, converted). New parameters
-    are drawn after ``torch.manual_seed(seed)``.
+    SSDVGG or a RobustSSD, converted by :func:`~advdet.models.robustdet.robustdet_for_training` (every kernel
+    copied into all K slots, a fresh AID and, for ``robustdet-cfr``, fresh CFR heads). New parameters are
+    drawn after ``torch.manual_seed(seed)``.
     """
     m = get_method(method)
     cfg = cfg or MethodConfig()
@@ -191,29 +188,7 @@ def prepare_model(method: str, model: str | torch.nn.Module, init: str | os.Path
         if path is not None:
             load_weights(det, path)
         return det
-    if isinstance(det, RobustSSD):
-        if det.has_cfr != m.cfr:
-            raise ValueError(f"method {method!r} trains a RobustSSD {'with' if m.cfr else 'without'} CFR, but the "
-                             f"model {'has' if det.has_cfr else 'has no'} CFR")
-        if path is None:
-            log.warning("RobustDet from random weights: the paper starts from a clean SSD (--init ssd_vgg)")
-            return det
-        state = read_state_dict(path)
-        if set(state) == set(det.state_dict()):
-            load_weights(det, path)
-            return det
-        ssd = det.ssd_architecture()
-        load_weights(ssd, path)
-        torch.manual_seed(seed)
-        return robustdet_from_ssd(ssd, K=det.K, cfr=m.cfr, aid=cfg.aid)
-    if not isinstance(det, SSDVGG):
-        raise TypeError(f"method {method!r} builds RobustDet from an SSD-VGG; got {type(det).__name__}")
-    if path is not None:
-        load_weights(det, path)
-    else:
-        log.warning("RobustDet from a random SSD: the paper starts from a clean SSD (--init ssd_vgg)")
-    torch.manual_seed(seed)
-    return robustdet_from_ssd(det, K=cfg.K, cfr=m.cfr, aid=cfg.aid)
+    return robustdet_for_training(det, path, K=cfg.K, cfr=m.cfr, aid=cfg.aid, seed=seed, method=method)
 
 
 def train_with_method(method: str, detector: torch.nn.Module, cache: TensorCache, out_dir: str | os.PathLike, *,
