@@ -45,7 +45,8 @@ from advdet.data.collate import collate_detection
 from advdet.data.io import atomic_write_json
 from advdet.data.shapes import write_shapes_split
 from advdet.models.detector import Detector
-from advdet.models.zoo import build_model, zoo_entries
+from advdet.models.hub import get_model
+from advdet.models.zoo import zoo_entries
 
 EPS, STEP, STEPS, BATCH = 8.0, 2.0, 10, 8
 
@@ -106,7 +107,7 @@ def _art_run(art, x: torch.Tensor, targets: list[dict]) -> torch.Tensor:
 def bench_model(name: str, batches, dev: torch.device, repeats: int, with_art: bool) -> dict:
     entry = next(e for e in zoo_entries() if e.name == name)
     trained = entry.trained
-    model = (build_model(name) if trained else entry.builder()).to(dev).eval()
+    model = (get_model(name) if trained else entry.builder()).to(dev).eval()
     data = [(x.to(dev), [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in tg])
             for x, tg in batches]
     n = sum(x.shape[0] for x, _ in data)

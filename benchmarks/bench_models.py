@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from advdet.models.zoo import build_model, zoo_entries
+from advdet.models.hub import get_model
+from advdet.models.zoo import zoo_entries
 
 
 def _targets(b: int, s: int, masks: bool) -> list[dict]:
@@ -89,9 +90,9 @@ def main() -> None:
         torch.manual_seed(0)
         if name.startswith("torchvision:"):
             builder, size = name.split("@")
-            model = build_model(builder, num_classes=91, input_size=int(size))
+            model = get_model(builder, num_classes=91, input_size=int(size))
         else:
-            model = build_model(name, pretrained=False)
+            model = get_model(name, pretrained=False)
         rows.append(time_model(name, model, args.batch, args.repeats, dev))
         r = rows[-1]
         print(f"{r['name']:<42} {r['parameters'] / 1e6:6.2f}M params  {r['input_size']} px  "

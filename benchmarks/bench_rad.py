@@ -37,7 +37,8 @@ from advdet.attacks.pgd import PGD
 from advdet.attacks.rad import RAD
 from advdet.attacks.transforms import SI
 from advdet.data.io import atomic_write_json
-from advdet.models.zoo import build_model, zoo_entries, zoo_entry
+from advdet.models.hub import get_model
+from advdet.models.zoo import zoo_entries, zoo_entry
 
 
 def _sync(dev: torch.device) -> None:
@@ -62,7 +63,7 @@ def load_batch(data: str, n: int, size: int, seed: int = 0) -> tuple[torch.Tenso
 def surrogate(name: str) -> tuple[torch.nn.Module, str]:
     entry = zoo_entry(name)
     if entry.trained:
-        return build_model(name), "zoo weights"
+        return get_model(name), "zoo weights"
     torch.manual_seed(0)
     return entry.builder().eval(), "untrained (no shipped weights yet)"
 

@@ -22,7 +22,7 @@ import torch
 
 from advdet.attacks.rad import RAD
 from advdet.data.io import atomic_write_json
-from advdet.models.zoo import build_model
+from advdet.models.hub import get_model
 
 MODELS = ("darknet:yolov3", "torchvision:retinanet_resnet50_fpn")
 AOCO_IMAGES = 5000
@@ -30,7 +30,7 @@ AOCO_IMAGES = 5000
 
 def measure(name: str, size: int, batch: int, steps: int, dev: torch.device) -> dict:
     torch.manual_seed(0)
-    det = build_model(name, pretrained=False, input_size=size).to(dev).eval()
+    det = get_model(name, pretrained=False, input_size=size).to(dev).eval()
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
     atk = RAD(det, steps=steps)
     atk(x[:1])  # warm-up (cuDNN autotuning, allocator)

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from advdet.models.zoo import build_model, zoo_entries, zoo_entry
+from advdet.models.hub import get_model
+from advdet.models.zoo import zoo_entries, zoo_entry
 from advdet.training.zoo_train import pretrain_val_metrics, shapes_val_metrics
 
 KEYS = {"detector": ("map", "map50", "map75"), "classifier": ("top1",), "backbone": ("top1", "top5")}
@@ -42,9 +43,9 @@ def main() -> None:
         key = "procedural_val" if "procedural_val" in card else "shapes_val"
         if key == "procedural_val":  # a backbone, or the classifier that adopts resnet_pre's weights
             data = e.data or zoo_entry(e.backbone_init).data
-            measured = pretrain_val_metrics(build_model(e.name), data)
+            measured = pretrain_val_metrics(get_model(e.name), data)
         else:
-            measured = shapes_val_metrics(build_model(e.name), e.kind, None)
+            measured = shapes_val_metrics(get_model(e.name), e.kind, None)
         card_metrics = card[key]
         keys = KEYS["backbone"] if key == "procedural_val" else KEYS[e.kind]
         seconds = time.perf_counter() - t0

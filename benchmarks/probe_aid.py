@@ -27,7 +27,7 @@ from advdet.data.collate import collate_detection
 from advdet.data.registry import build_dataset
 from advdet.models.aid import aid_small
 from advdet.models.aid_triplet import aid_triplet_loss
-from advdet.models.zoo import build_model
+from advdet.models.hub import get_model
 from advdet.training.adversarial import AdversarialExamples
 
 N_POOL, N_TRAIN, HALF = 128, 96, 8
@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ds = build_dataset("shapes-train", size=256)
     x, t = collate_detection([ds[i] for i in range(N_POOL)])
-    det = build_model("ssd_vgg", pretrained=True).eval()
+    det = get_model("ssd_vgg", pretrained=True).eval()
     t0 = time.perf_counter()
     xa = adversarial_pool(det, x, t, args.cache)
     print(f"adversarial pool: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -20,7 +20,7 @@ import torch
 from advdet.bench.robustness_columns import attack_targets, build_table_attack
 from advdet.data.collate import collate_detection
 from advdet.data.registry import build_dataset
-from advdet.models.zoo import build_model
+from advdet.models.hub import get_model
 
 
 def summary(pi: torch.Tensor) -> dict:
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    det = build_model("robustdet", pretrained=True).eval()
+    det = get_model("robustdet", pretrained=True).eval()
     ds = build_dataset("shapes-val", size=det.input_size)
     x, t = collate_detection([ds[i] for i in range(args.limit)])
     gt = attack_targets(t, x.device)
