@@ -176,6 +176,21 @@ def test_unsafe_pickle_checkpoint_one_line_with_conversion(images, tmp_path):
     d, ann = images
     res = invoke("eval", "--model", "retinanet", "--weights", evil, "--data", d, "--ann", ann(), "--device", "cpu")
     assert one_error_line(res) == f"error: {msg}"
+    # the conversion it prints works on a checkpoint that also holds non-tensor entries (an epoch, an
+    # argparse.Namespace of options: torch's safe loader refuses the latter)
+    import argparse
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    ckpt = tmp_path / "opts.pt"
+    torch.save({"w": torch.arange(3.0), "epoch": 7, "opts": argparse.Namespace(lr=0.1)}, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(ckpt)
+    command = str(err.value).split("python -c ", 1)[1]
+    assert command[0] == command[-1] == '"'
+    subprocess.run([sys.executable, "-c", command[1:-1]], check=True, timeout=120)
+    assert torch.equal(load_file(str(ckpt.with_suffix(".safetensors")))["w"], torch.arange(3.0))
 
 
 def test_eval_maskrcnn_without_mask_annotations_reports_box_map(images, tmp_path):
@@ -187,6 +202,22 @@ def test_eval_maskrcnn_without_mask_annotations_reports_box_map(images, tmp_path
     metrics = json.loads(out.read_text())
     assert "map" in metrics and not any(k.startswith("segm_map") for k in metrics)
     assert "mask mAP needs mask annotations" in metrics["segm_note"]
+    assert "(a detection-only dataset)" in metrics["segm_note"]  # no annotation has a segmentation
+
+
+def test_mask_note_says_detection_only_only_when_no_annotation_has_a_mask():
+    from advdet.models.evaluate import score_results
+    poly = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    gt = {"images": [{"id": 1, "height": 64, "width": 64, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                           "iscrowd": 0, "segmentation": poly},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [40, 40, 10, 10], "area": 100,
+                           "iscrowd": 0}]}
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    note = score_results(gt, results, [1], masks=True)["segm_note"]
+    assert "no 'segmentation' on 1 of its 2 non-crowd annotations; box mAP only" in note
+    assert "detection-only" not in note
 
 
 # ----------------------------------------------------------------------------- advdet attack

@@ -134,8 +134,8 @@ def parse_coco(raw: Any, ann_file: Path, images_dir: Path, with_masks: bool | No
             continue
         fname = img.get("file_name")
         if iid in first_file:
-            bad(item, f"duplicate image id {iid}: {first_file[iid]!r} and {fname!r} (both left out: "
-                            "their annotations cannot be told apart)")
+            bad(item, f"duplicate image id {iid}: {first_file[iid]!r} and {fname!r} (their "
+                            "annotations cannot be told apart, so neither image can be used)")
             dropped_images.add(iid)
             records.pop(iid, None)
             continue
@@ -165,9 +165,12 @@ def parse_coco(raw: Any, ann_file: Path, images_dir: Path, with_masks: bool | No
     anns = raw["annotations"]
     if with_masks is None:
         targets = [a for a in anns if isinstance(a, dict) and not a.get("iscrowd", 0)]
-        with_masks = bool(targets) and all(has_segmentation(a) for a in targets)
-        if not with_masks and any(has_segmentation(a) for a in targets):
-            log.warning("%s: some annotations lack a segmentation; masks are off", ann_file)
+        lacking = sum(1 for a in targets if not has_segmentation(a))
+        with_masks = bool(targets) and lacking == 0
+        if not with_masks and lacking < len(targets):
+            log.warning("%s: %d of %d annotations lack a segmentation, so the targets are loaded without masks "
+                        "(mask losses off; evaluation reads the segmentations from the file)", ann_file, lacking,
+                        len(targets))
     with_masks = bool(with_masks)
 
     # annotations: validated now, counted in _finish for images that survive

@@ -62,7 +62,7 @@ def evaluate_detector(detector: Detector, dataset, batch_size: int = 8, limit: i
 
 #: the note ``score_results`` returns when a mask model meets ground truth without masks
 NO_MASK_GT_NOTE = ("mask mAP needs mask annotations: the ground truth has no 'segmentation' on {n} of its "
-                   "{total} non-crowd annotations (a detection-only dataset); box mAP only")
+                   "{total} non-crowd annotations{kind}; box mAP only")
 
 
 def gt_has_masks(gt: dict) -> tuple[int, int]:
@@ -83,7 +83,8 @@ def score_results(gt: dict, results: list[dict], ids: list[int], masks: bool) ->
     if masks:
         missing, total = gt_has_masks(gt)
         if missing:
-            out["segm_note"] = NO_MASK_GT_NOTE.format(n=missing, total=total)
+            out["segm_note"] = NO_MASK_GT_NOTE.format(n=missing, total=total,
+                                                       kind=" (a detection-only dataset)" if missing == total else "")
             log.info(out["segm_note"])
         else:
             segm = coco_map(gt, [r for r in results if "segmentation" in r], "segm", image_ids=ids)
