@@ -399,3 +399,17 @@ def test_robustdet_dag_keeps_two_stage_proposals_fixed():
     idx, pos = match_priors(tg[0]["boxes"], props[0], 0.5)
     assert torch.equal(st["label"][0], torch.where(pos, 3, 0))
     assert (x_adv - x).abs().max() <= 2 * 0.5 / 255 + 1e-6
+
+
+def test_table_rows_deltas_against_the_first_model_by_hand():
+    """Pure presentation: percent with one decimal, arrows against the first model, '=' for no change,
+    missing cells (None, COCO's -1) stay empty and get no delta."""
+    res = {"models": ["ssd", "rd"], "attacks": ["clean", "cls", "loc"],
+           "map50": {"ssd": {"clean": 0.7712, "cls": 0.2049, "loc": -1},
+                     "rd": {"clean": 0.7612, "cls": 0.3551, "loc": 0.5}}}
+    cols, rows = table_rows(res)
+    assert cols == ["Method", "Clean", "A_cls", "A_loc"]
+    assert rows == [["ssd", "77.1", "20.5", None], ["rd", "76.1 ↓1.0", "35.5 ↑15.0", "50.0"]]
+    res["map50"]["rd"]["clean"] = 0.7714  # rounds to the same percent: "="
+    assert table_rows(res)[1][1][1] == "77.1 =0.0"
+    assert table_rows(res, deltas=False)[1][1] == ["rd", "77.1", "35.5", "50.0"]
