@@ -11,8 +11,8 @@ evaluation, attackers see no ground truth):
 - per surrogate (every model of ``--surrogates``, default all of ``--models``) and attack of ``--attacks``
   (default ``dfool``, ``dag-eps``, ``rad``, ``pgd``): the attack crafted on that surrogate; ``pgd`` is
   sign-PGD on the surrogate's summed detection losses with step 2 and 10 steps (as ``ens-pgd``);
-- leave-one-out ensembles (unless ``--no-ensembles``): for every model ``h``, ``ens-pgd`` (sign-PGD on
-  the summed losses of all the other models, each member's gradient L1-normalised per image) crafted on
+- leave-one-out ensembles (unless ``--no-ensembles``): for every model ``h`` (or those of
+  ``--held-out``), ``ens-pgd`` (sign-PGD on the summed losses of all the other models, each member's gradient L1-normalised per image) crafted on
   ``loo-h``, the ensemble of the others; ``h`` is its held-out victim.
 
 Victims: every model of ``--models`` (default the six zoo detectors). Cells: box mAP50 and its relative
@@ -87,7 +87,8 @@ def drop_interval(result: dict, row: int, victims: list[str], level: float = 0.9
 
 def run(models: list[str], surrogates: list[str], attacks: list[str], *, images: int, eps: float,
         ensembles: bool, batch_size: int, seed: int, weights: dict[str, str], device: str | None,
-        data: str = "shapes-val", pgd_steps: int = 10, n_boot: int = 1000) -> dict:
+        data: str = "shapes-val", pgd_steps: int = 10, n_boot: int = 1000,
+        held_out: list[str] | None = None) -> dict:
     from advdet.attacks.ensemble import SurrogateEnsemble
     from advdet.bench.loading import load_model
 
@@ -102,9 +103,12 @@ def run(models: list[str], surrogates: list[str], attacks: list[str], *, images:
     single = _transfer(surrogates=list(surrogates), attacks=["gaussian", *attacks],
                        attack_kwargs={"pgd": dict(pgd)}, **common)
     ens_result = None
+    unknown = sorted(set(held_out or []) - set(models))
+    if unknown:
+        raise ValueError(f"--held-out names models that are not victims: {unknown}")
     if ensembles and len(models) > 2:
         ens = {f"loo-{h}": SurrogateEnsemble([given[m] for m in models if m != h], [m for m in models if m != h])
-               for h in models}
+               for h in (held_out or models)}
         logging.info("leave-one-out ensembles: %s", list(ens))
         ens_result = _transfer(surrogates=list(ens), attacks=["ens-pgd"], attack_kwargs={"ens-pgd": dict(pgd)},
                                **{**common, "models": {**given, **ens}})
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="attacks per surrogate (the Gaussian "
                     "ablation is always run)")
     ap.add_argument("--no-ensembles", action="store_true", help="skip the leave-one-out ensembles")
+    ap.add_argument("--held-out", default=None, help="leave-one-out ensembles only for these held-out models "
+                    "(comma list; default: every model)")
     ap.add_argument("--images", type=int, default=64, help="the first N images")
     ap.add_argument("--data", default="shapes-val", help="shapes-val or a COCO-format folder")
     ap.add_argument("--pgd-steps", type=int, default=10, help="steps of pgd and ens-pgd (step 2)")
@@ -209,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     surrogates = [m for m in (args.surrogates or args.models).split(",") if m]
     attacks = [a for a in args.attacks.split(",") if a and a != "gaussian"]
     weights = dict(w.split("=", 1) for w in args.weights)
+    held_out = [m for m in args.held_out.split(",") if m] if args.held_out else None
     res = run(models, surrogates, attacks, images=args.images, eps=args.eps, ensembles=not args.no_ensembles,
               batch_size=args.batch_size, seed=args.seed, weights=weights, device=args.device, data=args.data,
-              pgd_steps=args.pgd_steps, n_boot=args.n_boot)
+              pgd_steps=args.pgd_steps, n_boot=args.n_boot, held_out=held_out)
     summary = summarise(res, models, args.reference)
     table = markdown(summary, models)
     print(table)
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"models": models, "surrogates": surrogates, "attacks": attacks, "images": args.images,
                             "data": args.data, "eps": args.eps, "seed": args.seed,
                             "pgd": dict(PGD_KWARGS, steps=args.pgd_steps), "ensembles": not args.no_ensembles,
+                            "held_out": held_out or (models if not args.no_ensembles else []),
                             "reference": args.reference, "n_boot": args.n_boot,
                             "threads": torch.get_num_threads()},
                "weights_sha256": res["sha256"], "seconds": res["seconds"], **summary,

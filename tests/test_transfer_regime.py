@@ -49,6 +49,25 @@ def test_transfer_regime_rows_drops_and_goals(tmp_path):
     assert "interval" in goals["ablation_black_box_drop"]
 
 
+def test_held_out_restricts_the_leave_one_out_ensembles(tmp_path):
+    import pytest
+
+    from advdet.data.shapes import generate_shapes
+
+    generate_shapes(tmp_path / "shp", train=0, val=2, seed=0, workers=1)
+    mod = _module()
+    out = tmp_path / "regime.json"
+    common = ["--models", "yolov3,ssd_vgg,fcos", "--surrogates", "ssd_vgg", "--attacks", "pgd", "--images", "2",
+              "--data", str(tmp_path / "shp" / "val"), "--pgd-steps", "1", "--batch-size", "2", "--n-boot", "0"]
+    assert mod.main(common + ["--held-out", "yolov3", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["rows"]][3:] == ["ens-pgd (all but yolov3)"]
+    assert set(doc["goals"]["leave_one_out_held_out_drop"]) == {"yolov3"}
+    assert doc["settings"]["held_out"] == ["yolov3"]
+    with pytest.raises(ValueError, match=r"--held-out names models that are not victims: \['retinanet'\]"):
+        mod.main(common + ["--held-out", "retinanet"])
+
+
 def test_drop_interval_pairs_each_resample_with_the_clean_row():
     import numpy as np
 
