@@ -12,8 +12,9 @@ evaluation, attackers see no ground truth):
   (default ``dfool``, ``dag-eps``, ``rad``, ``pgd``): the attack crafted on that surrogate; ``pgd`` is
   sign-PGD on the surrogate's summed detection losses with step 2 and 10 steps (as ``ens-pgd``);
 - leave-one-out ensembles (unless ``--no-ensembles``): for every model ``h`` (or those of
-  ``--held-out``), ``ens-pgd`` (sign-PGD on the summed losses of all the other models, each member's gradient L1-normalised per image) crafted on
-  ``loo-h``, the ensemble of the others; ``h`` is its held-out victim.
+  ``--held-out``), ``ens-pgd`` (sign-PGD on the summed losses of all the other models, each member's
+  gradient L1-normalised per image) crafted on ``loo-h``, the ensemble of the others; ``h`` is its
+  held-out victim.
 
 Victims: every model of ``--models`` (default the six zoo detectors). Cells: box mAP50 and its relative
 drop ``1 - adv / clean``. The crafting and evaluation are ``advdet.bench.transfer.transfer_matrix``'s.
