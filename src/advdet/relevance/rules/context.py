@@ -43,6 +43,9 @@ class Recorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[object, torch.Tensor | None, tuple | None]] = []
+        #: per call of :attr:`calls`: (output, its version right after the call) for the weighted and
+        #: normalisation calls whose output the traced pass may reuse (see :meth:`LRPContext.true_output`)
+        self.outputs: list[tuple[torch.Tensor, int] | None] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,7 +54,12 @@ class Recorder(TorchFunctionMode):
             self.calls.append((func, inp, (weight, bias)))
         elif func in _PAIRED_FUNCS:
             self.calls.append((func, first_tensor(args, kwargs), None))
-        return func(*args, **kwargs)
+        else:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        keep = (func in CONV_FUNCS or func in NORM_FUNCS) and isinstance(out, torch.Tensor)
+        self.outputs.append((out, out._version) if keep else None)
+        return out
 
 
 class _LRPMode(TorchFunctionMode):
@@ -74,7 +82,8 @@ class _LRPMode(TorchFunctionMode):
         if func in SMOOTH_FUNCS or (func in NORM_FUNCS and o.rules.norm == "gradient"):
             return shadow(o, func, args, kwargs, true_inp)
         if func in NORM_FUNCS and o.rules.norm == "pass":
-            return pass_norm(o, func, args, kwargs)
+            return pass_norm(o, func, args, kwargs, o.true_output(first_tensor(args, kwargs)) if true_inp is not None
+                             else None)
         if func is F.interpolate:
             return interpolate(o, args, kwargs)
         if func in ROI_FUNCS:
@@ -100,11 +109,12 @@ class LRPContext:
     """
 
     def __init__(self, module: nn.Module | None, x: torch.Tensor, rules: LRPRules = LRPRules(),
-                 true_calls: list | None = None):
+                 true_calls: list | None = None, true_outputs: list | None = None):
         if not x.requires_grad:
             raise ValueError("LRPContext: x must require grad (use x.detach().requires_grad_())")
         self.module, self.x, self.rules = module, x, rules
         self.true_calls = true_calls
+        self.true_outputs = true_outputs
         self._next = 0
         self.stats = LRPStats()
         self.suspended = False
@@ -129,6 +139,7 @@ class LRPContext:
             h.remove()
         self._handles.clear()
         self._dead.clear()
+        self.true_outputs = None  # the traced graph holds the outputs it reused; let go of the rest
 
     @contextlib.contextmanager
     def _suspend(self):
@@ -204,3 +215,20 @@ class LRPContext:
             raise RuntimeError(f"LRP exact mode: call {self._next} differs between the two forward passes "
                                f"({getattr(f, '__name__', f)} vs {getattr(func, '__name__', func)})")
         return t if params is None else (t, params)
+
+    def true_output(self, inp: torch.Tensor) -> torch.Tensor | None:
+        """Exact mode: the output of the plain pass's call that the last :meth:`_pair` matched, when the
+        traced call may return it instead of computing it again: a weighted or normalisation call whose
+        output the plain pass did not modify in place afterwards (its version is unchanged, so the same
+        code does not modify the traced one either) and whose input has the same values, which holds
+        because every rule returns the plain value of its op (so the two passes compute the same numbers
+        in the same order). None otherwise."""
+        if self.true_outputs is None or self._next == 0 or self._next > len(self.true_outputs):
+            return None
+        rec = self.true_outputs[self._next - 1]
+        if rec is None:
+            return None
+        out, version = rec
+        if out._version != version or out.dtype != inp.dtype or out.device != inp.device:
+            return None
+        return out.detach()

@@ -48,10 +48,21 @@ def default_passthrough_modules(module: object = None) -> tuple[type, ...]:
     return tuple(types)
 
 
-def pass_norm(ctx: "LRPContext", func, args, kwargs):
-    """A normalisation functional under ``norm="pass"``: its value, relevance passed to its input unchanged."""
-    out = func(*args, **kwargs)
+def _updates_state(func, args, kwargs) -> bool:
+    """Whether the call updates running statistics (train-mode batch norm, instance norm): then the
+    traced pass computes it again, as the model would."""
+    if func is F.batch_norm:
+        return bool(kwargs.get("training", args[5] if len(args) > 5 else False))
+    return func is F.instance_norm
+
+
+def pass_norm(ctx: "LRPContext", func, args, kwargs, true_out: torch.Tensor | None = None):
+    """A normalisation functional under ``norm="pass"``: its value, relevance passed to its input unchanged.
+    ``true_out``: exact mode, the same call's output in the plain pass (the same values: used instead of
+    computing the normalisation again)."""
     inp = args[0] if args else kwargs["input"]
+    reuse = true_out is not None and true_out.shape == inp.shape and not _updates_state(func, args, kwargs)
+    out = true_out if reuse else func(*args, **kwargs)
     if isinstance(inp, torch.Tensor) and inp.requires_grad and out.shape == inp.shape:
         ctx.stats.norms += 1
         return PassThrough.apply(inp, out.detach())

@@ -49,17 +49,19 @@ def trace_forward(fn: Callable[[torch.Tensor], object], x: torch.Tensor, *, rule
     ``exact=True`` (needed for ``create_graph=True``): ``fn`` runs twice, plainly and traced; every rule
     uses the inputs of the plain pass in its backward, so the input relevance is an ordinary
     differentiable function of ``x`` whose derivative follows the true Jacobians (with one pass the
-    derivative of the activations would itself go through the modified backward).
+    derivative of the activations would itself go through the modified backward). The traced pass takes
+    the outputs of its weighted and normalisation calls from the plain pass instead of computing them
+    again (:meth:`LRPContext.true_output`: the same values, so the result is bitwise the same).
     """
     xr = x if x.requires_grad else x.detach().requires_grad_()
-    true_calls, out_true = None, None
+    true_calls, true_outputs, out_true = None, None, None
     with torch.enable_grad():
         if exact:
             with Recorder() as rec:
                 out_true = fn(xr * 1.0)
-            true_calls = rec.calls
+            true_calls, true_outputs = rec.calls, rec.outputs
         xin = xr * 1.0  # a node of our own: the graph walk stops here
-        with LRPContext(module, xin, rules, true_calls) as ctx:
+        with LRPContext(module, xin, rules, true_calls, true_outputs) as ctx:
             out = fn(xin)
     if exact and ctx._next != len(true_calls):
         raise RuntimeError("LRP exact mode: the traced forward made fewer calls than the plain one")

@@ -42,11 +42,22 @@ def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     # constants: only one ``where`` enters the graph (none on CPU when no |z| is that small).
     floor = _tiny_floor(z.dtype)
     with torch.no_grad():
-        small = z.abs() < floor
-        if z.device.type == "cpu" and not bool(small.any()):
+        if z.device.type == "cpu" and not _any_abs_below(z, floor):
             return z
+        small = z.abs() < floor
         repl = torch.where(z == 0, _ZERO_GUARD, torch.where(z < 0, -floor, floor)).to(z.dtype)
     return torch.where(small, repl, z)
+
+
+def _any_abs_below(t: torch.Tensor, bound: float) -> bool:
+    """``bool((t.abs() < bound).any())`` as one reduction (``any`` over a bool tensor is a slow, scalar
+    loop on the CPU: about 5x the cost of the ``amin``); NaNs aside, the same answer."""
+    return t.numel() > 0 and bool(t.abs().amin() < bound)
+
+
+def _any_negative(t: torch.Tensor) -> bool:
+    """``bool((t < 0).any())`` as one reduction (see :func:`_any_abs_below`)."""
+    return t.numel() > 0 and bool(t.amin() < 0)
 
 
 def _tiny_floor(dtype: torch.dtype) -> float:
@@ -70,6 +81,7 @@ class LayerSpec:
     vjp: Callable | None = None         # weight -> (g -> J^T g), if available
     w_true: torch.Tensor | None = None  # exact mode: x-dependent weight / bias of the plain pass
     b_true: torch.Tensor | None = None
+    out_true: torch.Tensor | None = None  # exact mode: the plain pass's output of this call (same values)
 
 
 def _rule_parts(spec: "LayerSpec", a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
@@ -111,6 +123,9 @@ class RuleFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         first = inp if spec.a_true is None else inp.new_empty(0)
         ctx.save_for_backward(first, weight, bias) if bias is not None else ctx.save_for_backward(first, weight)
+        if spec.out_true is not None:  # exact mode: the plain pass computed this very value already
+            out, spec.out_true = spec.out_true, None
+            return out
         return spec.f(inp, weight, bias)
 
     @staticmethod
@@ -194,7 +209,7 @@ def weighted(ctx: "LRPContext", func, args, kwargs, true_inp=None):
         spec = LayerSpec(f, rule, r.bias, r.epsilon, True, slope, low, high)
     else:
         rule = r.layer_rule
-        has_neg = bool((inp < 0).any()) if rule == "alpha1beta0" else True
+        has_neg = _any_negative(inp.detach()) if rule == "alpha1beta0" else True
         spec = LayerSpec(f, rule, r.bias, r.epsilon, has_neg)
     if rule == "epsilon" and r.epsilon == 0:
         spec.eps = 1e-6
@@ -206,4 +221,6 @@ def weighted(ctx: "LRPContext", func, args, kwargs, true_inp=None):
         spec.w_true = tw if (tw.grad_fn is not None) else None
         spec.b_true = tb if (tb is not None and tb.grad_fn is not None) else None
     spec.vjp = vjp_factory(func, rest, kw, inp.shape)
+    if true_params is not None and spec.w_true is None and spec.b_true is None:
+        spec.out_true = ctx.true_output(inp)
     return RuleFn.apply(inp, weight, bias, spec)
