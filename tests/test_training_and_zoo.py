@@ -252,3 +252,20 @@ def test_classifier_learns_presence_and_reports_accuracy(tmp_path):
     acc = classifier_accuracy(small_classifier(num_classes=8, input_size=64),
                               build_dataset(tmp_path / "val", size=64))
     assert acc["images"] == 6 and 0.0 <= acc["top1_largest"] <= acc["top1"] <= 1.0
+
+
+def test_zoo_card_command_reproduces_its_overrides():
+    """The card's command, split as a shell would and parsed as `--set` parses it, gives back the overrides."""
+    import shlex
+
+    import torch
+
+    from advdet.cli.app import parse_overrides
+    from advdet.training.zoo_train import train_command
+
+    overrides = {"lr_mults": {"model.stem.": 0.0, "model.stages.": 0.1}, "epochs": 2, "lr_schedule": "cosine"}
+    cmd = train_command("yolov3", torch.device("cpu"), overrides)
+    argv = shlex.split(cmd)
+    assert argv[:4] == ["advdet", "zoo", "train", "yolov3"]
+    assert parse_overrides(argv[5::2]) == overrides and argv[4::2] == ["--set"] * 3
+    assert train_command("ssd_vgg", torch.device("cpu"), None) == "advdet zoo train ssd_vgg"

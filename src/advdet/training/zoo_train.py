@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import platform
 from pathlib import Path
 
@@ -24,6 +26,14 @@ log = logging.getLogger(__name__)
 #: the state-dict prefix of a torchvision family's backbone + FPN (what ``ZooEntry.backbone_init`` loads)
 BACKBONE_PREFIX = "model.backbone."
 
+
+
+def train_command(name: str, dev: torch.device, overrides: dict | None) -> str:
+    """The shell command that reproduces a zoo run: ``--set KEY=VALUE`` with every non-string value as JSON
+    (what ``--set`` parses) and each item quoted for the shell where needed."""
+    sets = "".join(f" --set {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
+                   for k, v in (overrides or {}).items())
+    return f"advdet zoo train {name}" + (f" --device {dev.type}" if dev.type != "cpu" else "") + sets
 
 def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
                     resume: bool = False, overrides: dict | None = None, eval_limit: int | None = None,
@@ -86,8 +96,7 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
     model.cpu()
     round_to_dtype(model, entry.storage_dtype)  # the card describes the stored (float16 / int8) weights
     metrics = shapes_val_metrics(model, entry.kind, eval_limit)
-    command = (f"advdet zoo train {name}" + (f" --device {dev.type}" if dev.type != "cpu" else "")
-               + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()))
+    command = train_command(name, dev, overrides)
     card = {
         "name": name, "family": entry.family, "kind": entry.kind, "description": entry.description,
         "architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
@@ -166,8 +175,7 @@ def _train_backbone(entry, cfg: TrainConfig, run_dir: Path, out_dir, resume: boo
     model.cpu()
     round_to_dtype(model, entry.storage_dtype)
     metrics = pretrain_val_metrics(model, data, eval_limit)
-    command = (f"advdet zoo train {entry.name}" + (f" --device {dev.type}" if dev.type != "cpu" else "")
-               + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()))
+    command = train_command(entry.name, dev, overrides)
     card = {
         "name": entry.name, "family": entry.family, "kind": entry.kind, "description": entry.description,
         "architecture": type(model).__name__ + "(" + type(model.body).__name__ + ")",
