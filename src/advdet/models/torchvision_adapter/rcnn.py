@@ -193,7 +193,7 @@ class FasterRCNNDetector(TorchvisionDetector):
                                                         box_regression.split(counts)):
             l_cls, l_box = fastrcnn_loss(cl, br, labels, reg_targets)
             parts.append({"loss_classifier": l_cls, "loss_box_reg": l_box})
-        if rh.has_mask():  # image by image: the batched mask head is memory-bound, 20 % slower on the CPU
+        if rh.has_mask():  # image by image: batched over the batch's ROIs the mask head is memory-bound, slower
             for i, (part, (p, matched, labels, _), t) in enumerate(zip(parts, samples, targets)):
                 q = torch.where(labels[0] > 0)[0]
                 feats_i = OrderedDict((k, v[i:i + 1]) for k, v in feats.items())
