@@ -37,8 +37,8 @@ def unsafe_pickle_error(path: str | os.PathLike) -> CheckpointError:
         f"{p}: refused to load: this pickle checkpoint holds objects other than tensors and could run code "
         f"when loaded. If you trust its source, convert it once to safetensors and pass that file: python -c "
         f"\"import torch; from safetensors.torch import save_file; sd = torch.load('{p}', weights_only=False); "
-        f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, "
-        f"'{dst}')\"")
+        f"sd = sd.get('state_dict', sd); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{dst}')\"")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

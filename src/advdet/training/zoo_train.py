@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import platform
+import shlex
 from pathlib import Path
 
 import torch
@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 BACKBONE_PREFIX = "model.backbone."
 
 
-
 def train_command(name: str, dev: torch.device, overrides: dict | None) -> str:
     """The shell command that reproduces a zoo run: ``--set KEY=VALUE`` with every non-string value as JSON
     (what ``--set`` parses) and each item quoted for the shell where needed."""
     sets = "".join(f" --set {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
                    for k, v in (overrides or {}).items())
     return f"advdet zoo train {name}" + (f" --device {dev.type}" if dev.type != "cpu" else "") + sets
+
 
 def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
                     resume: bool = False, overrides: dict | None = None, eval_limit: int | None = None,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from advdet.models.detector import DenseOutput, NMSConfig, ProposalSettings, check_finite
@@ -182,8 +182,6 @@ class FasterRCNNDetector(TorchvisionDetector):
     def _roi_losses(self, feats: OrderedDict, image_sizes: list, samples: list, targets: list[dict]) -> list[dict]:
         """torchvision's ROI-head losses of each image (its sampled ROIs ``samples[i]``, from
         ``select_training_samples``): the box head runs once over the whole batch, the mask head per image."""
-        from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
-
         rh = self.model.roi_heads
         props = [s[0][0] for s in samples]
         counts = [p.shape[0] for p in props]
