@@ -205,6 +205,15 @@ def _yolo(objectness_bias: float | None = None, class_bias: float = 0.0, dtype=t
     return det.to(dtype).eval()
 
 
+def test_auto_micro_batch_is_the_surrogates_cpu_hint(ssd):
+    x = images(3, seed=2)
+    assert type(ssd).relevance_cpu_micro_batch == 1 and RAD(ssd).chunk_size(x) == 1
+    yolo = _yolo()
+    assert type(yolo).relevance_cpu_micro_batch == 2
+    assert RAD(yolo).chunk_size(x) == 2 and RAD(yolo).chunk_size(x[:1]) == 1
+    assert RAD(yolo, micro_batch=3).chunk_size(x) == 3 and RAD(yolo, micro_batch=None).chunk_size(x) == 3
+
+
 def test_reference_second_term_uses_the_clean_ranking_and_raw_logits():
     """An untrained YOLO's objectness logits are all about -4.6: after the output ReLU its objectness nodes
     carry no relevance, the map is clamped at 1e-21 everywhere and the reference loss is

@@ -189,7 +189,8 @@ class RAD(Attack):
             RetinaNet / FCOS as RAD's RetinaNet code, raw logits otherwise as its YOLOv3 code),
             ``"logits"``, ``"probs"`` (see :mod:`advdet.relevance.nodes`).
         rules: the LRP rules (default: the reference's).
-        micro_batch: images per relevance computation (``"auto"``: 1 on the CPU, the batch on a GPU;
+        micro_batch: images per relevance computation (``"auto"``: the detector's
+            ``relevance_cpu_micro_batch`` on the CPU, 1 by default and 2 for YOLOv3; the batch on a GPU;
             ``None``: the batch); bounds the memory of the exact second-order graph.
         transforms: default the preset's ``[SI(...)]``; pass ``[]`` for none, or e.g. ``[SI(), DI(), TI()]``.
 
@@ -246,14 +247,16 @@ class RAD(Attack):
 
     # ------------------------------------------------------------------ micro-batches, letterbox padding
     def chunk_size(self, x: torch.Tensor) -> int:
-        """Images per relevance computation: ``micro_batch``; ``"auto"``: 1 on the CPU (the exact
-        second-order graph of one image of the zoo yolov3 is about 0.3 GB; one image at a time costs
-        about a fifth more CPU time than one graph for the batch, see docs/rad.md "Cost"), the whole
-        batch on a GPU."""
+        """Images per relevance computation: ``micro_batch``; ``"auto"``: on the CPU the surrogate's
+        ``relevance_cpu_micro_batch`` (the exact second-order graph of one image of the zoo yolov3 is about
+        0.3 GB; two per graph keep a batch of 8 under 1.5 GB and cost yolov3 a fifth less CPU time, ssd_vgg
+        3-15 % more, see docs/rad.md "Cost"), the whole batch on a GPU."""
         if self.micro_batch is None:
             return x.shape[0]
         if self.micro_batch == "auto":
-            return 1 if self._device(x).type == "cpu" else x.shape[0]
+            if self._device(x).type != "cpu":
+                return x.shape[0]
+            return min(x.shape[0], max(1, int(getattr(self.model, "relevance_cpu_micro_batch", 1))))
         return int(self.micro_batch)
 
     def attack(self, x: torch.Tensor, targets: Any = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -187,7 +187,7 @@ class Detector(nn.Module):
     Capabilities (class attributes and methods below, each with a default; a family overrides what it
     knows): ``loss_is_batch_mean``, ``per_image_loss``, ``total_loss``, ``positive_prior_losses``,
     ``match_targets``, ``two_stage``, ``proposal_settings``, ``use_proposal_settings``,
-    ``objectness_nodes``, ``relevance_passthrough``, ``feature_layers``.
+    ``objectness_nodes``, ``relevance_passthrough``, ``relevance_cpu_micro_batch``, ``feature_layers``.
     """
 
     family: str = "detector"
@@ -205,6 +205,10 @@ class Detector(nn.Module):
     #: module types of this family whose relevance passes to their (single) input unchanged (norm-like
     #: modules written as plain arithmetic, e.g. SSD's L2Norm)
     relevance_passthrough: ClassVar[tuple[type, ...]] = ()
+    #: images per exact relevance graph on the CPU (RAD's ``micro_batch="auto"``): 1 keeps the memory lowest;
+    #: a family whose graph of one image is dominated by per-call overhead and PyTorch's single-image
+    #: convolution path runs faster with more (measured in docs/rad.md "Cost")
+    relevance_cpu_micro_batch: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module, num_classes: int, input_size: int):
         super().__init__()
