@@ -13,7 +13,7 @@ import torch
 from advdet.bench.reproduce import StaleStepError, reproduce, reproduce_command
 from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, mean_samples, rad_claims, rad_goal,
                                            ratio_samples, reduction_interval, robustdet_claims, verdict)
-from advdet.bench.reproduce_steps import Step
+from advdet.bench.reproduce_steps import Step, rad_steps, robustdet_steps, step_cost
 
 
 # ------------------------------------------------------------------------------------------- verdict rules
@@ -224,6 +224,44 @@ def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(t
     with pytest.raises(StaleStepError, match="table3.json: made with other settings .*seed"):
         reproduce("rad", out, seed=1, **kw)
     assert f3.read_bytes() == before
+
+
+def _without_times(obj):
+    """``obj`` without its wall / CPU timings (the only entries that differ between two runs)."""
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if k not in ("seconds", "cpu_seconds")}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+def test_parallel_steps_write_the_same_files_as_one_process(tmp_path, tiny_data, tiny_models, caplog):
+    kw = dict(limit=2, data=tiny_data, models=tiny_models, plan=RAD_PLAN, attack_kwargs=FAST, n_boot=50,
+              batch_size=2, progress=False, device="cpu")
+    seen: list[tuple[str, str]] = []
+    reproduce("rad", tmp_path / "one", **kw)
+    with caplog.at_level("INFO", logger="advdet.bench.reproduce"):
+        reproduce("rad", tmp_path / "two", jobs=2, on_step=lambda n, s, t: seen.append((n, s)), **kw)
+    assert "3 steps in 2 worker processes (1 torch threads each)" in caplog.text
+    assert sorted(seen) == [("fig7_eps", "computed"), ("table1_node_type", "computed"), ("table3", "computed")]
+    for name in ("table3", "table1_node_type", "fig7_eps"):
+        a, b = (json.loads((tmp_path / d / "rad" / f"{name}.json").read_text()) for d in ("one", "two"))
+        assert a["config"] == b["config"] and a["derived"] == b["derived"], name
+        assert _without_times(a["result"]) == _without_times(b["result"]), name
+    rows = json.loads((tmp_path / "two" / "rad" / "table3.json").read_text())["result"]["rows"]
+    assert min(r["perturbation"]["rmse"] for r in rows if r["label"] != "No Attack") > 0  # the images differ
+    page = json.loads((tmp_path / "two" / "rad.json").read_text())
+    assert {s["status"] for s in page["steps"].values()} == {"computed"}
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        reproduce("rad", tmp_path / "three", jobs=0, **kw)
+
+
+def test_step_cost_puts_rad_rows_first():
+    # Table 3's default: RAD (10) + 9 other attacks; Fig. 7: 3 RAD rows; Table 1 of RobustDet: 7 x 5 cells
+    assert step_cost(rad_steps()[0]) == 19.0
+    assert step_cost(rad_steps()[3]) == 30.0 and step_cost(rad_steps()[1]) == 20.0
+    assert step_cost(robustdet_steps()[0]) == 7 * 5 * 40.0
+    assert step_cost(robustdet_steps()[1]) == 7 * 2 * (1 + 5 + 10 + 20)
 
 
 def test_robustdet_reproduction_claims_and_resume(tmp_path, tiny_data, tiny_models):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from advdet.bench.reproduce_claims import rad_claims, rad_goal, robustdet_claims
 from advdet.bench.reproduce_pages import now_utc, write_page
 from advdet.bench.reproduce_steps import (DEFAULT_LIMITS, FORMAT, RAD_ATTACK_KWARGS, TARGETS, Step, rad_steps,
-                                          robustdet_steps, step_models)
+                                          robustdet_steps, step_cost, step_models)
 from advdet.data.errors import AdvdetError
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,30 @@ def reproduce_command(target: str, *, limit: int | None, out: str | Path, steps:
     return " ".join(list(parts) + list(extra))
 
 
+def _compute_step(step: Step, path: Path, cfg: dict, run_kw: dict, threads: int | None = None) -> tuple[str, float]:
+    """Run one step and write its file atomically (in this process or in a worker of ``jobs``);
+    returns (name, seconds)."""
+    from advdet.data.io import atomic_write_json
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    log.info("%s: computing (%s)", step.name, step.title)
+    ts = time.perf_counter()
+    result, derived = _run_step(step, **run_kw)
+    secs = round(time.perf_counter() - ts, 3)
+    atomic_write_json(path, {"format": FORMAT, "step": step.name, "title": step.title, "config": cfg,
+                             "seconds": secs, "finished_utc": now_utc(), "result": result, "derived": derived},
+                      indent=1)
+    return step.name, secs
+
+
 def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | None = None, data: str = "shapes-val",
               steps: Sequence[str] | None = None, seed: int = 0, batch_size: int = 8, n_boot: int = 1000,
               boot_seed: int = 0, device=None, models: Mapping | None = None, plan: Sequence[Step] | None = None,
               attack_kwargs: Mapping[str, dict] | None = None, allow_untrained: bool = False,
-              progress: bool = True, command: str | None = None,
+              progress: bool = True, command: str | None = None, jobs: int = 1,
               on_step: Callable[[str, str, float], None] | None = None) -> dict:
     """Make or resume the reproduction ``target`` (``rad`` or ``robustdet``) in ``out``.
 
@@ -117,7 +136,10 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
     is loaded from ``out/<target>/<step>.json`` when present (its settings must match: ``StaleStepError``
     otherwise), else computed and written atomically. Then ``out/<target>.md`` and ``out/<target>.json``
     (command, weights and their sha256, wall time, verdicts, tables; figures in ``out/<target>/``) are
-    written from every step file present. ``limit``: images (default :data:`DEFAULT_LIMITS`). ``models``:
+    written from every step file present. ``jobs`` > 1: the missing steps run in that many worker processes
+    at once (spawned, each with ``torch threads // jobs`` threads, at least 1; the costliest first by
+    :func:`step_cost`); every step is seeded on its own, so its file is the same as in one process.
+    ``limit``: images (default :data:`DEFAULT_LIMITS`). ``models``:
     already built models by name (tests: tiny random models); ``on_step(name, status, seconds)`` is called
     per step with ``computed`` or ``reused``. Returns the page's JSON (plus ``md`` and ``json`` paths).
     """
@@ -129,6 +151,8 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
         limit = DEFAULT_LIMITS[target]
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
     out = Path(out)
     all_steps = list(plan) if plan is not None else (rad_steps() if target == "rad" else robustdet_steps())
@@ -146,35 +170,64 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
         ensure_default_shapes()
     names = list(dict.fromkeys(n for s in all_steps for n in step_models(s)))
     weights = {n: _weights_fingerprint(n, models) for n in names}
-    from advdet.data.io import atomic_write_json, read_json
+    from advdet.data.io import read_json
 
     status: dict[str, str] = {}
+    missing: list[tuple[Step, Path, dict]] = []
     for step in todo:
         path = out / target / f"{step.name}.json"
         cfg = _config(target, step, data=data, limit=limit, seed=seed, batch_size=batch_size, n_boot=n_boot,
                       boot_seed=boot_seed, attack_kwargs=attack_kwargs, weights=weights)
-        if path.is_file():
-            old = read_json(path)
-            if old.get("config") != cfg:
-                keys = _diff_keys(old.get("config") or {}, cfg)
-                raise StaleStepError(f"{path}: made with other settings ({', '.join(keys)} differ); it is kept. "
-                                     "Pass another --out, or move the file away to recompute it")
-            status[step.name] = "reused"
-            log.info("%s: reusing %s", step.name, path)
-            if on_step is not None:
-                on_step(step.name, "reused", float(old.get("seconds", 0.0)))
+        if not path.is_file():
+            missing.append((step, path, cfg))
             continue
-        log.info("%s: computing (%s)", step.name, step.title)
-        ts = time.perf_counter()
-        result, derived = _run_step(step, data=data, limit=limit, seed=seed, batch_size=batch_size, n_boot=n_boot,
-                                    boot_seed=boot_seed, device=device, models=models, attack_kwargs=attack_kwargs,
-                                    allow_untrained=allow_untrained, progress=progress)
-        secs = round(time.perf_counter() - ts, 3)
-        atomic_write_json(path, {"format": FORMAT, "step": step.name, "title": step.title, "config": cfg,
-                                 "seconds": secs, "finished_utc": now_utc(), "result": result, "derived": derived},
-                          indent=1)
-        status[step.name] = "computed"
+        old = read_json(path)
+        if old.get("config") != cfg:
+            keys = _diff_keys(old.get("config") or {}, cfg)
+            raise StaleStepError(f"{path}: made with other settings ({', '.join(keys)} differ); it is kept. "
+                                 "Pass another --out, or move the file away to recompute it")
+        status[step.name] = "reused"
+        log.info("%s: reusing %s", step.name, path)
         if on_step is not None:
-            on_step(step.name, "computed", secs)
+            on_step(step.name, "reused", float(old.get("seconds", 0.0)))
+    run_kw = dict(data=data, limit=limit, seed=seed, batch_size=batch_size, n_boot=n_boot, boot_seed=boot_seed,
+                  device=device, models=models, attack_kwargs=attack_kwargs, allow_untrained=allow_untrained,
+                  progress=progress)
+
+    def done(name: str, secs: float) -> None:
+        status[name] = "computed"
+        if on_step is not None:
+            on_step(name, "computed", secs)
         write_page(target, out, all_steps, status, weights, command, limit, t0)  # progress is visible
+
+    if jobs > 1 and len(missing) > 1:
+        _compute_parallel(missing, run_kw, jobs, done)
+    else:
+        for step, path, cfg in missing:
+            done(*_compute_step(step, path, cfg, run_kw))
     return write_page(target, out, all_steps, status, weights, command, limit, t0)
+
+
+def _compute_parallel(missing: Sequence[tuple[Step, Path, dict]], run_kw: dict, jobs: int,
+                      done: Callable[[str, float], None]) -> None:
+    """The missing steps in ``jobs`` spawned worker processes, the costliest first; ``done`` as each ends.
+    A failing step stops the run after the steps already running have ended (their files are kept)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    workers = min(jobs, len(missing))
+    threads = max(1, torch.get_num_threads() // workers)
+    order = sorted(missing, key=lambda m: -step_cost(m[0]))
+    kw = {**run_kw, "progress": False}  # several progress bars on one terminal would garble each other
+    log.info("%d steps in %d worker processes (%d torch threads each)", len(order), workers, threads)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_compute_step, step, path, cfg, kw, threads) for step, path, cfg in order]
+        try:
+            for fut in as_completed(futures):
+                done(*fut.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 __all__ = ["TARGETS", "Step", "rad_steps", "robustdet_steps", "step_models", "DEFAULT_LIMITS", "RAD_SURROGATE",
-           "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS"]
+           "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS", "step_cost"]
 
 TARGETS = ("rad", "robustdet")
 FORMAT = 1
@@ -84,6 +84,19 @@ def robustdet_steps(models: Sequence[str] = ROBUST_MODELS) -> list[Step]:
         Step("fig7_steps", "Fig. 7a/b: A_cls and A_loc against the number of steps", "steps_sweep",
              {"models": list(models), "attacks": ["cls", "loc"], "steps": list(ROBUST_SWEEP_STEPS)}),
     ]
+
+
+def step_cost(step: Step) -> float:
+    """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
+    (per sweep value or eps) counts 10, any other attack row 1 (Table 3 on 2 images: RAD 12.5 CPU-s per
+    image, the other rows 1-3 s of crafting each); a robustness cell (model x attack) counts 40, about the
+    mean attack steps of Table 1 (20-step PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
+    p = step.params
+    if step.kind == "transfer":
+        settings = len(p.get("sweep_values") or []) or (len(p["eps"]) if isinstance(p["eps"], list) else 1)
+        return float(sum((10 if a == "rad" else 1) * settings for a in p["attacks"]))
+    cells = len(p["models"]) * len(p["attacks"])
+    return float(cells * (sum(p["steps"]) if step.kind == "steps_sweep" else 40))
 
 
 def step_models(step: Step) -> list[str]:
