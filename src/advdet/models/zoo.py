@@ -90,7 +90,10 @@ def _register_defaults() -> None:
     register(ZooEntry(
         "ssd_vgg", "ssd_vgg", lambda: ssd_vgg.ssd_vgg_small(num_classes=k, input_size=ZOO_INPUT_SIZE),
         "small SSD-VGG16 (no BN, width x0.25), the base of RobustDet",
-        recipe=dict(epochs=24, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=300),
+        # the VGG body (from vgg_pre) at a tenth of the rate: at the full rate every ReLU after conv3_3 died
+        # within the first epochs (mAP50 0.0001 after 5,600 updates); docs/benchmark.md "ssd_vgg from vgg_pre"
+        recipe=dict(epochs=24, batch_size=16, lr=1e-3, optimizer="adamw", weight_decay=5e-4, warmup_iters=300,
+                    lr_mults={"model.vgg.": 0.1}),
         backbone_init="vgg_pre", backbone_keys={"model.vgg.": "body.vgg."}))
     try:
         from advdet.models import yolov3
