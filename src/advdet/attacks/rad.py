@@ -250,7 +250,7 @@ class RAD(Attack):
         """Images per relevance computation: ``micro_batch``; ``"auto"``: on the CPU the surrogate's
         ``relevance_cpu_micro_batch`` (the exact second-order graph of one image of the zoo yolov3 is about
         0.3 GB; two per graph keep a batch of 8 under 1.5 GB and cost yolov3 a fifth less CPU time, ssd_vgg
-        3-15 % more, see docs/rad.md "Cost"), the whole batch on a GPU."""
+        1-15 % more, see docs/rad.md "Cost"), the whole batch on a GPU."""
         if self.micro_batch is None:
             return x.shape[0]
         if self.micro_batch == "auto":

@@ -88,7 +88,7 @@ class YOLOv3Detector(Detector):
     loss_is_batch_mean = True
     objectness_nodes = True
     #: two images per RAD relevance graph on the CPU: 20 % less CPU time than one on the zoo yolov3, a batch
-    #: of 8 peaks at 1.34 GB (docs/rad.md "Cost"; ssd_vgg, by contrast, is 3-15 % slower with two)
+    #: of 8 peaks at 1.34 GB (docs/rad.md "Cost"; ssd_vgg, by contrast, is 1-15 % slower with two)
     relevance_cpu_micro_batch = 2
 
     def __init__(self, model: YOLOv3Net, num_classes: int, input_size: int,
