@@ -269,3 +269,19 @@ def test_zoo_card_command_reproduces_its_overrides():
     assert argv[:4] == ["advdet", "zoo", "train", "yolov3"]
     assert parse_overrides(argv[5::2]) == overrides and argv[4::2] == ["--set"] * 3
     assert train_command("ssd_vgg", torch.device("cpu"), None) == "advdet zoo train ssd_vgg"
+
+
+def test_start_fields_name_the_starting_files_sha256(tmp_path, monkeypatch):
+    """A card records what its entry starts from with that file's sha256 at training time, so a robust entry
+    fine-tuned from an older ssd_vgg can be told apart after ssd_vgg is retrained."""
+    import advdet.models.zoo as zoo
+    from advdet.training.zoo_train import start_fields
+
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    (tmp_path / "ssd_vgg.json").write_text(json.dumps({"name": "ssd_vgg", "sha256": "aa11"}))
+    (tmp_path / "darknet_pre.json").write_text(json.dumps({"name": "darknet_pre", "sha256": "bb22"}))
+    assert start_fields(zoo_entry("robustdet")) == {"init": "ssd_vgg", "init_sha256": "aa11"}
+    assert start_fields(zoo_entry("ssd_vgg-at-cls")) == {"init": "ssd_vgg", "init_sha256": "aa11"}
+    assert start_fields(zoo_entry("yolov3")) == {"backbone_init": "darknet_pre", "backbone_init_sha256": "bb22"}
+    # ssd_vgg starts from vgg_pre, whose card is not there: the name is kept, the sha256 is unknown
+    assert start_fields(zoo_entry("ssd_vgg")) == {"backbone_init": "vgg_pre", "backbone_init_sha256": None}

@@ -109,13 +109,23 @@ def train_zoo_model(name: str, *, out_dir: str | os.PathLike | None = None, run_
                    + (f", trained on {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""),
         "advdet_version": __version__,
     }
-    if entry.backbone_init:
-        init_card = zoo_entry(entry.backbone_init).card
-        card.update(backbone_init=entry.backbone_init, backbone_init_sha256=init_card.get("sha256"))
+    card.update(start_fields(entry))
     if method_cfg is not None:
-        card.update(method=entry.method, init=entry.init,
+        card.update(method=entry.method,
                     method_config=step_fn.config() if step_fn is not None else method_cfg.as_dict())
     return save_weights(model, Path(out_dir or ZOO_DIR) / f"{name}.safetensors", card, dtype=entry.storage_dtype)
+
+
+def start_fields(entry) -> dict:
+    """The card fields naming what a zoo entry starts from, with the sha256 of that zoo file as it is now:
+    ``backbone_init`` / ``backbone_init_sha256`` and ``init`` / ``init_sha256`` (a fine-tune such as the
+    robust entries), so that a card tells which file it was trained from after that entry is retrained."""
+    fields: dict = {}
+    for key in ("backbone_init", "init"):
+        start = getattr(entry, key)
+        if start:
+            fields.update({key: start, f"{key}_sha256": zoo_entry(start).card.get("sha256")})
+    return fields
 
 
 def load_backbone_init(model: torch.nn.Module, entry) -> list[str]:
@@ -214,8 +224,7 @@ def _adopt_pretrained(entry, out_dir, eval_limit: int | None) -> dict:
         "architecture": type(model).__name__ + "(" + type(model.body).__name__ + ")",
         "parameters": sum(p.numel() for p in model.parameters()), "input_size": ZOO_INPUT_SIZE,
         "num_classes": model.num_classes, "data": src.card.get("data"), "recipe": None,
-        "command": f"advdet zoo train {entry.name}", "backbone_init": src.name,
-        "backbone_init_sha256": src.card.get("sha256"), "training_seconds": 0.0,
+        "command": f"advdet zoo train {entry.name}", **start_fields(entry), "training_seconds": 0.0,
         "procedural_val": pretrain_val_metrics(model, src.data, eval_limit),
         "note": f"the weights of {src.name} (body and head), used at {ZOO_INPUT_SIZE} px; procedural_val is "
                 f"measured at the pretraining size ({src.data['size']} px)",
