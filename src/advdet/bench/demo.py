@@ -31,10 +31,8 @@ __all__ = ["DEMO_ATTACKS", "DEMO_LIMIT", "DEMO_ROBUST_LIMIT", "DEMO_ROBUST_STEPS
 DEMO_SURROGATE = "yolov3"
 #: RAD Table 3's rows: its "Loc" baseline is ``loc-shift`` (``loc`` is A_loc, RobustDet's, everywhere)
 DEMO_ATTACKS = ("rad", "cls-pgd", "dag-eps", "dfool", "loc-shift")
-#: RAD sec. 4.1: "All attacks are conducted with the step length 2 for 10 iterations" (the class defaults of
-#: these attacks). RAD computes two images per relevance graph: as fast as one graph for the batch and half
-#: its memory (RAD's CPU default, one image, is the leanest and ~40 % slower)
-DEMO_ATTACK_KWARGS = {"rad": {"micro_batch": 2}}
+#: RAD sec. 4.1: "All attacks are conducted with the step length 2 for 10 iterations": the class defaults of
+#: these attacks (RAD's images per relevance graph are the surrogate's ``relevance_cpu_micro_batch``: 2 on yolov3)
 #: images of shapes-val in the transfer table: RAD on yolov3 costs ~20 CPU-seconds per image (10 steps x 4
 #: distinct SI inputs, each a double backward through the two LRP passes of the reference head), the other rows ~3 s per image for all victims,
 #: so 8 images keep the demo under 5 minutes on a 2-core CPU (docs/benchmarks.md has the measurement)
@@ -110,9 +108,7 @@ def run_demo(out: str | Path | None = "advdet-report", *, limit: int = DEMO_LIMI
                 say(f"surrogate {sur} has no trained weights yet: the detection attacks are crafted on "
                     f"{victims[0]} instead")
                 sur = victims[0]
-        kw = {k: dict(v) for k, v in DEMO_ATTACK_KWARGS.items()}
-        for k, v in (attack_kwargs or {}).items():
-            kw.setdefault(k, {}).update(v)
+        kw = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
         transfer = transfer_matrix([sur], list(attacks), victims, data, eps=eps, limit=limit, batch_size=batch_size,
                                    seed=seed, device=device, attack_kwargs=kw, progress=progress,
                                    models=models, allow_untrained=allow_untrained, skip_unavailable=True,

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from advdet.bench.reproduce_claims import rad_claims, rad_goal, robustdet_claims
 from advdet.bench.reproduce_pages import now_utc, write_page
-from advdet.bench.reproduce_steps import (DEFAULT_LIMITS, FORMAT, RAD_ATTACK_KWARGS, TARGETS, Step, rad_steps,
-                                          robustdet_steps, step_cost, step_models)
+from advdet.bench.reproduce_steps import (DEFAULT_LIMITS, FORMAT, TARGETS, Step, rad_steps, robustdet_steps,
+                                          step_cost, step_models)
 from advdet.data.errors import AdvdetError
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def _run_step(step: Step, *, data: str, limit: int | None, seed: int, batch_size
     if step.kind == "transfer":
         from advdet.bench.transfer import transfer_matrix
 
-        kw = {k: dict(v) for k, v in RAD_ATTACK_KWARGS.items()}
-        for k, v in attack_kwargs.items():
-            kw.setdefault(k, {}).update(v)
+        kw = {k: dict(v) for k, v in attack_kwargs.items()}
         res = transfer_matrix(p.pop("surrogates"), p.pop("attacks"), p.pop("victims"), data, models=models,
                               attack_kwargs=kw, examples=0, relevance=False, **p, **common)
         if step.name == "table3" and res.get("_bootstrap_samples"):

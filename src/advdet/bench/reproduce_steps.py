@@ -33,8 +33,6 @@ RAD_VICTIMS = ("yolov3", "ssd_vgg", "retinanet", "fcos", "fasterrcnn", "maskrcnn
 RAD_TABLE3_ATTACKS = ("rad", "dag-eps", "dfool", "loc-shift", "size", "osfd", "cls-pgd", "cls-si-pgd",
                       "cls-mi-di-pgd", "cls-mi-ti-pgd")
 RAD_EPS = 16.0
-#: RAD computes two images per relevance graph (as fast as the batch graph, half its memory; the demo's)
-RAD_ATTACK_KWARGS = {"rad": {"micro_batch": 2}}
 #: the sweeps' values that are not Table 3's RAD row (whose defaults are cls nodes, SI, eps 16)
 RAD_NODE_TYPES = ("loc", "size")
 RAD_TECHNIQUES = ("none", "DI", "TI")
