@@ -108,9 +108,8 @@ def run_demo(out: str | Path | None = "advdet-report", *, limit: int = DEMO_LIMI
                 say(f"surrogate {sur} has no trained weights yet: the detection attacks are crafted on "
                     f"{victims[0]} instead")
                 sur = victims[0]
-        kw = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
         transfer = transfer_matrix([sur], list(attacks), victims, data, eps=eps, limit=limit, batch_size=batch_size,
-                                   seed=seed, device=device, attack_kwargs=kw, progress=progress,
+                                   seed=seed, device=device, attack_kwargs=attack_kwargs, progress=progress,
                                    models=models, allow_untrained=allow_untrained, skip_unavailable=True,
                                    examples=examples)
         for s in transfer["skipped"]:

@@ -71,9 +71,8 @@ def _run_step(step: Step, *, data: str, limit: int | None, seed: int, batch_size
     if step.kind == "transfer":
         from advdet.bench.transfer import transfer_matrix
 
-        kw = {k: dict(v) for k, v in attack_kwargs.items()}
         res = transfer_matrix(p.pop("surrogates"), p.pop("attacks"), p.pop("victims"), data, models=models,
-                              attack_kwargs=kw, examples=0, relevance=False, **p, **common)
+                              attack_kwargs=attack_kwargs, examples=0, relevance=False, **p, **common)
         if step.name == "table3" and res.get("_bootstrap_samples"):
             derived = {"claims": rad_claims(res, res["_bootstrap_samples"]),
                        "goal": rad_goal(res, res["_bootstrap_samples"])}
@@ -226,6 +225,5 @@ def _compute_parallel(missing: Sequence[tuple[Step, Path, dict]], run_kw: dict, 
             for fut in as_completed(futures):
                 done(*fut.result())
         except BaseException:
-            for f in futures:
-                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # the running steps end and keep their files
             raise
