@@ -7,17 +7,18 @@ UV ?= $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
 .PHONY: demo test setup clean
 
+# one environment for both commands, with the optional extras (advdet[ultralytics], advdet[hf], advdet[art]):
+# the tests cover their adapters, and the zoo's yolov8 and rtdetr (which need them) are demo victims. The extras
+# add about 0.7 GB and install in seconds from the registry; `uv sync --frozen` alone gives the core package
+# (then those tests skip and the demo leaves yolov8 and rtdetr out). ultralytics is AGPL-3.0.
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --all-extras --quiet
 
 demo: setup
 	$(UV) run --frozen advdet demo
 
-# the tests also cover the optional adapters (advdet[ultralytics], advdet[hf], advdet[art]): the extras add about
-# 0.7 GB to the environment and install in seconds from the registry; without them those tests skip
 test: setup
-	@$(UV) sync --frozen --all-extras --quiet
 	$(UV) run --frozen pytest
 
 clean:
