@@ -7,8 +7,9 @@
 (c) ``--memory``: the peak resident memory of a fresh process that loads the surrogate and the batch
     and runs RAD on it (``ru_maxrss`` of a spawned child), and the same process before the attack.
 
-``--preset`` (default ``reference``) and ``--micro-batch`` (default ``auto``: one image per relevance
-graph on the CPU) select the RAD configuration.
+``--preset`` (default ``reference``) and ``--micro-batch`` (default ``auto``: the surrogate's
+``relevance_cpu_micro_batch`` images per relevance graph on the CPU) select the RAD configuration;
+``--no-channels-last`` loads the surrogate with contiguous weights instead of ``get_model``'s NHWC default.
 
 An iteration's time is ``(T(steps=k) - T(steps=0)) / k`` of whole ``attack()`` calls (the same batch,
 ``prepare`` cancels out), so it includes everything the loop does per step (RAD: node selection and
@@ -60,17 +61,19 @@ def load_batch(data: str, n: int, size: int, seed: int = 0) -> tuple[torch.Tenso
     return torch.rand(n, 3, size, size, generator=g), None, "uniform noise"
 
 
-def surrogate(name: str) -> tuple[torch.nn.Module, str]:
+def surrogate(name: str, channels_last: bool = True) -> tuple[torch.nn.Module, str]:
     entry = zoo_entry(name)
     if entry.trained:
-        return get_model(name), "zoo weights"
+        return get_model(name, channels_last=channels_last), "zoo weights"
     torch.manual_seed(0)
-    return entry.builder().eval(), "untrained (no shipped weights yet)"
+    det = entry.builder().eval()
+    return (det.to(memory_format=torch.channels_last) if channels_last else det), "untrained (no shipped weights yet)"
 
 
-def surrogate_and_batch(name: str, data: str, n: int, dev: torch.device):
-    """(surrogate on ``dev``, its weights note, batch x, targets, data description) for one zoo detector."""
-    det, weights = surrogate(name)
+def surrogate_and_batch(name: str, data: str, n: int, dev: torch.device, channels_last: bool = True):
+    """(surrogate on ``dev``, its weights note, batch x, targets, data description) for one zoo detector;
+    ``channels_last``: its 4-D weights stored NHWC, as ``get_model`` does by default."""
+    det, weights = surrogate(name, channels_last)
     det.to(dev)
     x, targets, desc = load_batch(data, n, det.input_size)
     return det, weights, x, targets, desc
@@ -115,13 +118,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # not Linux: KiB
 
 
-def _memory_child(name: str, data: str, n: int, steps: int, kw: dict, threads: int, queue) -> None:
+def _memory_child(name: str, data: str, n: int, steps: int, kw: dict, threads: int, channels_last: bool,
+                  queue) -> None:
     torch.set_num_threads(threads)
-    det, weights, x, targets, _ = surrogate_and_batch(name, data, n, torch.device("cpu"))
+    det, weights, x, targets, _ = surrogate_and_batch(name, data, n, torch.device("cpu"), channels_last)
     before = peak_rss_gb()
     RAD(det, steps=steps, **kw)(x, targets)
     queue.put({"surrogate": name, "weights": weights, "batch": n, "rad_steps": steps, "rad_kwargs": kw,
-               "peak_rss_gb": peak_rss_gb(), "rss_before_attack_gb": before})
+               "channels_last": channels_last, "peak_rss_gb": peak_rss_gb(), "rss_before_attack_gb": before})
 
 
 def bench_memory(names: list[str], args) -> list[dict]:
@@ -129,7 +133,7 @@ def bench_memory(names: list[str], args) -> list[dict]:
     for name in names:
         q = ctx.Queue()
         p = ctx.Process(target=_memory_child, args=(name, args.data, args.batch, args.memory_steps, rad_kwargs(args),
-                                                     args.threads, q))
+                                                     args.threads, args.channels_last, q))
         p.start()
         row = q.get()
         p.join()
@@ -142,11 +146,12 @@ def bench_memory(names: list[str], args) -> list[dict]:
 def bench_ratio(names: list[str], args, dev: torch.device) -> list[dict]:
     rows = []
     for name in names:
-        det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.ratio_batch, dev)
+        det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.ratio_batch, dev, args.channels_last)
         rad = per_iteration(lambda s: RAD(det, steps=s, **rad_kwargs(args)), x, targets, args.ratio_steps, args.repeats, dev)
         pgd = per_iteration(lambda s: PGD(det, eps=16, step=2, steps=s, transforms=[SI()]), x, targets,
                             args.ratio_steps, args.repeats, dev)
         row = {"surrogate": name, "weights": weights, "device": str(dev), "batch": args.ratio_batch,
+               "channels_last": args.channels_last,
                "input_size": det.input_size, "data": desc, "rad_kwargs": rad_kwargs(args), "rad_iteration": rad, "pgd_si_iteration": pgd,
                "ratio_wall": rad["wall_s"] / pgd["wall_s"] if pgd["wall_s"] > 0 else None,
                "ratio_cpu": rad["cpu_s"] / pgd["cpu_s"] if pgd["cpu_s"] > 0 else None}
@@ -160,7 +165,7 @@ def bench_ratio(names: list[str], args, dev: torch.device) -> list[dict]:
 def bench_throughput(names: list[str], args, dev: torch.device) -> list[dict]:
     rows = []
     for name in names:
-        det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.batch, dev)
+        det, weights, x, targets, desc = surrogate_and_batch(name, args.data, args.batch, dev, args.channels_last)
         x = x.to(dev)
         atk = RAD(det, steps=args.rad_steps, **rad_kwargs(args))
         atk(x[:1], None if targets is None else targets[:1])  # warm-up
@@ -168,7 +173,8 @@ def bench_throughput(names: list[str], args, dev: torch.device) -> list[dict]:
         row = {"surrogate": name, "weights": weights, "device": str(dev), "batch": args.batch,
                "input_size": det.input_size, "data": desc, "rad_steps": args.rad_steps, "wall_s": wall,
                "cpu_s": cpu, "images_per_s": args.batch / wall, "images_per_cpu_s": args.batch / cpu,
-               "rad_kwargs": rad_kwargs(args), "diagnostics": atk.last_state["diagnostics"].as_dict()}
+               "rad_kwargs": rad_kwargs(args), "channels_last": args.channels_last,
+               "diagnostics": atk.last_state["diagnostics"].as_dict()}
         rows.append(row)
         print(f"[rad]   {name:<12} {dev.type}  batch {args.batch}  {args.rad_steps} steps  "
               f"{row['images_per_s']:.3f} img/s wall  {row['images_per_cpu_s']:.3f} img/CPU-s  ({weights})", flush=True)
@@ -190,6 +196,8 @@ def main() -> None:
     ap.add_argument("--devices", default="auto", help="cpu, cuda, cpu,cuda or auto (cpu + cuda when present)")
     ap.add_argument("--preset", default="reference", help="RAD preset: reference or paper")
     ap.add_argument("--micro-batch", default="auto", help="RAD micro_batch: auto, none or an int")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="surrogate weights stored NHWC, get_model's default (--no-channels-last: contiguous)")
     ap.add_argument("--memory", action="store_true", help="(c): peak memory of RAD on --batch images")
     ap.add_argument("--memory-steps", type=int, default=1, help="RAD iterations in (c)")
     ap.add_argument("--skip-ratio", action="store_true")

@@ -219,3 +219,26 @@ def test_a_loaded_model_made_by_hand_gets_its_provenance_from_its_fields():
     assert LoadedModel("ssd_vgg", nn.Module(), "detector", 256, False, False, None).origin == "untrained"
     zoo = LoadedModel("ssd_vgg", nn.Module(), "detector", 256, False, True, None)
     assert zoo.origin == str(entry.weights_path) and zoo.weights_sha256 == provenance("ssd_vgg").sha256
+
+
+@pytest.mark.parametrize("name", ["yolov3", "fasterrcnn"])
+def test_get_model_stores_conv_weights_channels_last_with_the_same_outputs(name):
+    """get_model's default NHWC weights (a CPU speed-up) change neither the weights' values nor, beyond float
+    rounding, the dense outputs and the detections; channels_last=False keeps PyTorch's contiguous layout."""
+    nhwc, nchw = get_model(name), get_model(name, channels_last=False)
+    convs = [(a, b) for a, b in zip(nhwc.modules(), nchw.modules())  # (1x1 kernels are both layouts at once)
+             if isinstance(a, torch.nn.Conv2d) and a.weight.shape[-2:] != (1, 1)]
+    assert len(convs) > 10
+    for a, b in convs:
+        assert a.weight.is_contiguous(memory_format=torch.channels_last) and not a.weight.is_contiguous()
+        assert b.weight.is_contiguous() and torch.equal(a.weight, b.weight)
+    x = torch.rand(2, 3, nhwc.input_size, nhwc.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        da, db = nhwc.dense(x), nchw.dense(x)
+        pa, pb = nhwc.predict(x), nchw.predict(x)
+    for k in ("logits", "boxes"):
+        ta, tb = getattr(da, k), getattr(db, k)
+        assert ta.shape == tb.shape and torch.allclose(ta, tb, rtol=1e-4, atol=1e-3), k
+    for a, b in zip(pa, pb):
+        assert a["boxes"].shape == b["boxes"].shape and torch.allclose(a["boxes"], b["boxes"], atol=1e-3)
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"], atol=1e-4)
