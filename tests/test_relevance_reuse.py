@@ -84,3 +84,39 @@ def test_train_mode_batch_norm_is_not_reused(monkeypatch):
     for b, b0 in ((nets[0].b1, nets[1].b1), (nets[0].b2, nets[1].b2)):
         assert torch.equal(b.running_mean, b0.running_mean) and torch.equal(b.running_var, b0.running_var)
     assert not torch.equal(nets[0].b2.running_mean, _net(torch.float64).b2.running_mean)
+
+
+def test_channels_last_weights_give_the_same_map_and_gradient_without_mixed_layouts(monkeypatch):
+    """A model with channels-last weights (``get_model``'s default) gets the relevance map and its derivative of
+    the contiguous model up to float rounding, and the rules' adjoints come back channels-last where the layer
+    input is, so that the products with the layer inputs are not on mixed layouts
+    (``vjp_factory(channels_last=...)``)."""
+    import copy
+
+    import advdet.relevance.rules.weighted as weighted
+    from advdet.models.hub import _weights_channels_last
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(8, 16, 3, padding=1),
+                        nn.LeakyReLU(0.1), nn.Conv2d(16, 4, 3, stride=2, padding=1)).eval()
+    net_cl = copy.deepcopy(net)
+    _weights_channels_last(net_cl)
+    x = torch.rand(2, 3, 16, 16)
+    layouts, made = {}, weighted.vjp_factory
+
+    def spy(*a, **k):
+        layouts.setdefault(id(current), []).append(k.get("channels_last", False))
+        return made(*a, **k)
+
+    monkeypatch.setattr(weighted, "vjp_factory", spy)
+    results = []
+    for current in (net, net_cl):
+        xr = x.clone().requires_grad_(True)
+        rel = lrp(current, xr, create_graph=True)
+        (g,) = torch.autograd.grad(rel.sum(dim=1).pow(2).sum(), xr)
+        results.append((rel.detach(), g))
+    (r0, g0), (r1, g1) = results
+    assert r0.abs().sum() > 0 and g0.abs().sum() > 0
+    assert torch.allclose(r0, r1, rtol=1e-4, atol=1e-6) and torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)
+    # contiguous model: no layer input is channels-last; channels-last model: all but the first (x itself)
+    assert layouts[id(net)][:3] == [False, False, False] and layouts[id(net_cl)][:3] == [False, True, True]

@@ -67,9 +67,11 @@ def _tuple(v, n: int) -> list[int]:
     return v * n if len(v) == 1 else v
 
 
-def vjp_factory(func, rest: tuple, kw: dict, in_shape) -> Callable | None:
+def vjp_factory(func, rest: tuple, kw: dict, in_shape, channels_last: bool = False) -> Callable | None:
     """``weight -> (g -> J^T g)`` without a forward pass, for conv1d/2d/3d with numeric padding and for
-    linear; None otherwise (the generic autograd vjp is used)."""
+    linear; None otherwise (the generic autograd vjp is used). ``channels_last``: the layer's input is
+    channels-last, and so is ``J^T g`` (the rules multiply it with that input: on the CPU element-wise ops
+    on mixed layouts are about twice as slow)."""
     if func is F.linear:
         return lambda w: (lambda g: g @ w)
     dims = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}.get(func)
@@ -87,7 +89,10 @@ def vjp_factory(func, rest: tuple, kw: dict, in_shape) -> Callable | None:
 
     def make(w):
         def vjp(g):
-            dummy = g.new_empty(1).expand(in_shape)
+            # the input only tells convolution_backward the shape and the layout: an expanded scalar, or an
+            # uninitialised channels-last tensor (allocated, never read)
+            dummy = (torch.empty(in_shape, dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
+                     if channels_last else g.new_empty(1).expand(in_shape))
             return torch.ops.aten.convolution_backward(g, dummy, w, None, stride, padding, dilation, False,
                                                        [0] * dims, groups, (True, False, False))[0]
         return vjp

@@ -112,6 +112,11 @@ def _rule_parts(spec: "LayerSpec", a: torch.Tensor, w: torch.Tensor, b: torch.Te
     return _stabilise(f(a, w, b if spec.bias_in_z else None), spec.eps), [(a, w)]
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous, as 1 x 1 or single-channel ones are)."""
+    return t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 class RuleFn(torch.autograd.Function):
     """Forward: the layer's own output. Backward: the LRP rule of ``spec.rule`` applied to the incoming
     relevance, written with differentiable ops on the saved input (so the normaliser ``z`` is part of the
@@ -220,7 +225,7 @@ def weighted(ctx: "LRPContext", func, args, kwargs, true_inp=None):
         tw, tb = true_params
         spec.w_true = tw if (tw.grad_fn is not None) else None
         spec.b_true = tb if (tb is not None and tb.grad_fn is not None) else None
-    spec.vjp = vjp_factory(func, rest, kw, inp.shape)
+    spec.vjp = vjp_factory(func, rest, kw, inp.shape, channels_last=_channels_last(inp))
     if true_params is not None and spec.w_true is None and spec.b_true is None:
         spec.out_true = ctx.true_output(inp)
     return RuleFn.apply(inp, weight, bias, spec)
