@@ -38,7 +38,7 @@ from advdet.attacks.pgd import PGD
 from advdet.attacks.rad import RAD
 from advdet.attacks.transforms import SI
 from advdet.data.io import atomic_write_json
-from advdet.models.hub import get_model
+from advdet.models.hub import get_model, to_channels_last
 from advdet.models.zoo import zoo_entries, zoo_entry
 
 
@@ -67,7 +67,9 @@ def surrogate(name: str, channels_last: bool = True) -> tuple[torch.nn.Module, s
         return get_model(name, channels_last=channels_last), "zoo weights"
     torch.manual_seed(0)
     det = entry.builder().eval()
-    return (det.to(memory_format=torch.channels_last) if channels_last else det), "untrained (no shipped weights yet)"
+    if channels_last:
+        to_channels_last(det)
+    return det, "untrained (no shipped weights yet)"
 
 
 def surrogate_and_batch(name: str, data: str, n: int, dev: torch.device, channels_last: bool = True):

@@ -94,13 +94,13 @@ def test_channels_last_weights_give_the_same_map_and_gradient_without_mixed_layo
     import copy
 
     import advdet.relevance.rules.weighted as weighted
-    from advdet.models.hub import _weights_channels_last
+    from advdet.models.hub import to_channels_last
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(8, 16, 3, padding=1),
                         nn.LeakyReLU(0.1), nn.Conv2d(16, 4, 3, stride=2, padding=1)).eval()
     net_cl = copy.deepcopy(net)
-    _weights_channels_last(net_cl)
+    to_channels_last(net_cl)
     x = torch.rand(2, 3, 16, 16)
     layouts, made = {}, weighted.vjp_factory
 

@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import nn
 
-__all__ = ["ModelFamily", "ModelInfo", "Provenance", "register_model", "get_model", "list_models",
-           "model_family", "is_external", "provenance"]
+__all__ = ["ModelFamily", "ModelInfo", "Provenance", "register_model", "get_model", "to_channels_last",
+           "list_models", "model_family", "is_external", "provenance"]
 
 #: ``build(arch, *, weights, pretrained, num_classes, input_size) -> nn.Module`` of a family
 Builder = Callable[..., nn.Module]
@@ -135,17 +135,18 @@ def get_model(name: str, *, weights: str | os.PathLike | None = None, input_size
                 raise ValueError(f"zoo model {name!r} has {what}={getattr(model, what)}, not {asked}; only "
                                  f"prefixed models (torchvision:, darknet:, ...) take {what}")
     if channels_last:
-        _weights_channels_last(model)
+        to_channels_last(model)
     return model.eval()
 
 
-def _weights_channels_last(model: nn.Module) -> None:
-    """Every 4-D parameter and buffer in place to channels-last (``Module.to(memory_format=...)`` refuses a
-    module with 5-D ones, as RobustDet's dynamic convolutions have: those stay as they are)."""
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with every 4-D parameter and buffer moved in place to channels-last (``Module.to(memory_format=
+    ...)`` refuses a module with 5-D ones, as RobustDet's dynamic convolutions have: those stay as they are)."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             if t.dim() == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
 
 
 def list_models(family: str | None = None) -> list[ModelInfo]:
