@@ -38,7 +38,7 @@ from advdet.attacks.pgd import PGD
 from advdet.attacks.rad import RAD
 from advdet.attacks.transforms import SI
 from advdet.data.io import atomic_write_json
-from advdet.models.hub import get_model, to_channels_last
+from advdet.models.hub import get_model
 from advdet.models.zoo import zoo_entries, zoo_entry
 
 
@@ -66,10 +66,7 @@ def surrogate(name: str, channels_last: bool = True) -> tuple[torch.nn.Module, s
     if entry.trained:
         return get_model(name, channels_last=channels_last), "zoo weights"
     torch.manual_seed(0)
-    det = entry.builder().eval()
-    if channels_last:
-        to_channels_last(det)
-    return det, "untrained (no shipped weights yet)"
+    return get_model(name, pretrained=False, channels_last=channels_last), "untrained (no shipped weights yet)"
 
 
 def surrogate_and_batch(name: str, data: str, n: int, dev: torch.device, channels_last: bool = True):
