@@ -373,3 +373,37 @@ def test_every_family(family):
         assert tracked.reselected > 0  # proposals move with the input: nodes re-selected on the SI copy
     else:
         assert tracked.reselected == 0  # fixed anchors: the nodes of x_k are used on its copies
+
+
+def test_frozen_heap_collects_only_the_blocks_garbage_and_restores_the_heap():
+    import gc
+
+    from advdet.attacks.rad import frozen_heap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the interpreter's modules are frozen
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle made inside the block
+        del a, b
+        assert gc.collect() >= 2  # collected by the block's own collection
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze its heap keeps it frozen
+    try:
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_rad_leaves_the_heap_unfrozen(ssd):
+    import gc
+
+    RAD(ssd, steps=1, transforms=[])(images(1))
+    assert gc.get_freeze_count() == 0

@@ -13,7 +13,7 @@ import torch
 from advdet.bench.reproduce import StaleStepError, reproduce, reproduce_command
 from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, mean_samples, rad_claims, rad_goal,
                                            ratio_samples, reduction_interval, robustdet_claims, verdict)
-from advdet.bench.reproduce_steps import Step, rad_steps, robustdet_steps, step_cost
+from advdet.bench.reproduce_steps import Step, rad_steps, robustdet_steps, step_cost, step_groups
 
 
 # ------------------------------------------------------------------------------------------- verdict rules
@@ -168,10 +168,14 @@ FAST = {"rad": {"steps": 1}, "dfool": {"steps": 1}, "cls-pgd": {"steps": 1}}
 BASE = {"surrogates": ["yolo"], "victims": ["yolo", "ssd"], "classifier": "classifier"}
 RAD_PLAN = [
     Step("table3", "Tables 3-5", "transfer", {**BASE, "attacks": ["rad", "dfool", "cls-pgd"], "eps": 16.0}),
-    Step("table1_node_type", "Table 1", "transfer",
-         {**BASE, "attacks": ["rad"], "eps": 16.0, "sweep": "node_type", "sweep_values": ["loc"]}),
-    Step("fig7_eps", "Fig. 7", "transfer", {**BASE, "attacks": ["rad"], "eps": [4.0, 8.0]}),
+    Step("table1_node_type_loc", "Table 1", "transfer",
+         {**BASE, "attacks": ["rad"], "eps": 16.0, "sweep": "node_type", "sweep_values": ["loc"]},
+         group="table1_node_type"),
+    *[Step(f"fig7_eps_{e:g}", "Fig. 7", "transfer",
+           {**BASE, "attacks": ["rad"], "eps": e, "sweep": "eps", "sweep_values": [e]}, group="fig7_eps")
+      for e in (4.0, 8.0)],
 ]
+STEP_NAMES = ["table3", "table1_node_type_loc", "fig7_eps_4", "fig7_eps_8"]
 
 
 def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(tmp_path, tiny_data, tiny_models):
@@ -191,20 +195,29 @@ def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(t
     assert {p["label"] for p in page["claims"][1]["parts"]} == {"dfool", "cls-pgd"}
     assert [g["attack"] for g in page["goal"]] == ["Ablation", "rad", "dfool", "cls-pgd"]
     assert page["command"] == reproduce_command("rad", limit=2, out=out, steps=["table3"])
-    assert page["steps"]["table1_node_type"]["status"] == "not run"
+    assert page["steps"]["table1_node_type_loc"]["status"] == "not run"
+
+    # a group name picks its steps (the two eps of Fig. 7; the page gathers both into one table)
+    seen.clear()
+    reproduce("rad", out, steps=["fig7_eps"], **kw)
+    assert seen == [("fig7_eps_4", "computed"), ("fig7_eps_8", "computed")]
+    md = (out / "rad.md").read_text()
+    fig7 = md[md.index("## Fig. 7: RAD against eps"):]
+    assert "rad eps=4" in fig7 and "rad eps=8" in fig7 and "rad eps=16 (Table 3's row)" in fig7
 
     # resume: table3 is reused (file untouched), the other steps are computed
     os.utime(f3, (1_000_000_000, 1_000_000_000))
     before = f3.read_bytes()
     seen.clear()
     page = reproduce("rad", out, **kw)
-    assert seen == [("table3", "reused"), ("table1_node_type", "computed"), ("fig7_eps", "computed")]
+    assert seen == [("table3", "reused"), ("fig7_eps_4", "reused"), ("fig7_eps_8", "reused"),
+                    ("table1_node_type_loc", "computed")]
     assert f3.stat().st_mtime == 1_000_000_000 and f3.read_bytes() == before
     # a third call recomputes nothing
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "rad").glob("*.json")}
     seen.clear()
     reproduce("rad", out, **kw)
-    assert [s for _, s in seen] == ["reused"] * 3
+    assert [s for _, s in seen] == ["reused"] * 4
     assert {p.name: p.stat().st_mtime_ns for p in (out / "rad").glob("*.json")} == mtimes
 
     md = (out / "rad.md").read_text()
@@ -218,7 +231,7 @@ def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(t
     js = json.loads((out / "rad.json").read_text())
     assert set(js["weights"]) == {"yolo", "ssd", "classifier"}
     assert js["weights"]["yolo"]["origin"] == "given" and js["wall_seconds"] > 0
-    assert set(js["step_seconds"]) == {"table3", "table1_node_type", "fig7_eps"}
+    assert set(js["step_seconds"]) == set(STEP_NAMES)
 
     # another setting never overwrites a finished step
     with pytest.raises(StaleStepError, match="table3.json: made with other settings .*seed"):
@@ -242,9 +255,9 @@ def test_parallel_steps_write_the_same_files_as_one_process(tmp_path, tiny_data,
     reproduce("rad", tmp_path / "one", **kw)
     with caplog.at_level("INFO", logger="advdet.bench.reproduce"):
         reproduce("rad", tmp_path / "two", jobs=2, on_step=lambda n, s, t: seen.append((n, s)), **kw)
-    assert "3 steps in 2 worker processes (1 torch threads each)" in caplog.text
-    assert sorted(seen) == [("fig7_eps", "computed"), ("table1_node_type", "computed"), ("table3", "computed")]
-    for name in ("table3", "table1_node_type", "fig7_eps"):
+    assert "4 steps in 2 worker processes (1 torch threads each)" in caplog.text
+    assert sorted(seen) == sorted((n, "computed") for n in STEP_NAMES)
+    for name in STEP_NAMES:
         a, b = (json.loads((tmp_path / d / "rad" / f"{name}.json").read_text()) for d in ("one", "two"))
         assert a["config"] == b["config"] and a["derived"] == b["derived"], name
         assert _without_times(a["result"]) == _without_times(b["result"]), name
@@ -257,9 +270,16 @@ def test_parallel_steps_write_the_same_files_as_one_process(tmp_path, tiny_data,
 
 
 def test_step_cost_puts_rad_rows_first():
-    # Table 3's default: RAD (10) + 9 other attacks; Fig. 7: 3 RAD rows; Table 1 of RobustDet: 7 x 5 cells
-    assert step_cost(rad_steps()[0]) == 19.0
-    assert step_cost(rad_steps()[3]) == 30.0 and step_cost(rad_steps()[1]) == 20.0
+    # Table 3's default: RAD with SI (10) + 9 other attacks; one RAD row per sweep step: SI-like 10, DI 12,
+    # none / TI 2 (one gradient per iteration); Table 1 of RobustDet: 7 x 5 cells
+    costs = {s.name: step_cost(s) for s in rad_steps()}
+    assert costs == {"table3": 19.0, "table1_node_type_loc": 10.0, "table1_node_type_size": 10.0,
+                     "table2_technique_none": 2.0, "table2_technique_DI": 12.0, "table2_technique_TI": 2.0,
+                     "fig7_eps_4": 10.0, "fig7_eps_8": 10.0, "fig7_eps_12": 10.0}
+    assert step_groups(rad_steps()) == {
+        "table3": ["table3"], "table1_node_type": ["table1_node_type_loc", "table1_node_type_size"],
+        "table2_technique": ["table2_technique_none", "table2_technique_DI", "table2_technique_TI"],
+        "fig7_eps": ["fig7_eps_4", "fig7_eps_8", "fig7_eps_12"]}
     assert step_cost(robustdet_steps()[0]) == 7 * 5 * 40.0
     assert step_cost(robustdet_steps()[1]) == 7 * 2 * (1 + 5 + 10 + 20)
 
@@ -314,7 +334,7 @@ def test_unknown_target_and_step_are_user_errors(tmp_path):
 
     with pytest.raises(AdvdetError, match="unknown reproduction 'yolo'"):
         reproduce("yolo", tmp_path)
-    with pytest.raises(AdvdetError, match="unknown step nope of rad; its steps are table3, table1_node_type"):
+    with pytest.raises(AdvdetError, match="unknown step nope of rad; its steps are table3, table1_node_type_loc"):
         reproduce("rad", tmp_path, steps=["nope"])
 
 

@@ -48,6 +48,7 @@ the nodes are selected on the copy itself (:class:`advdet.relevance.TrackedNodes
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -114,6 +115,23 @@ def second_term(ov: OutputVector, values: str, idx: torch.Tensor, weight: torch.
     w = weight * (idx < n).to(weight.dtype)
     return (picked * w).sum(1) / w.sum(1).clamp(min=1)
 
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Collect once, then ``gc.freeze()`` for the block: the per-step collections of :meth:`RAD.on_step`
+    then walk only the objects made inside the block, not the whole interpreter's heap (the modules of
+    torch, torchvision and the zoo: about 350,000 objects, 0.19 s per collection, about 9 % of a RAD
+    iteration on 2 images of the zoo yolov3 on one CPU thread). The frozen objects are unfrozen at the
+    end, unless a caller had frozen objects already (then its own ``gc.unfreeze`` releases them)."""
+    gc.collect()
+    outer = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not outer:
+            gc.unfreeze()
 
 @dataclass
 class RADDiagnostics:
@@ -280,7 +298,8 @@ class RAD(Attack):
         """The surrogate sees the preset's padding; the result keeps the caller's padding."""
         repad = self.pad_value is not None and mask is not None and self._knows_letterbox
         x_in = padded(x, mask, self.pad_value) if repad else x
-        x_adv = super()._run(x_in, targets, mask)
+        with frozen_heap():
+            x_adv = super()._run(x_in, targets, mask)
         if repad:
             x_adv = torch.where(mask, x_adv, x)
         self._record_perturbation(x, x_adv, mask)
@@ -307,7 +326,9 @@ class RAD(Attack):
         the previous step's garbage: the double-backward graphs leave reference cycles that hold their
         tensors until a collection, and Python's collector, which counts objects, not bytes, runs too
         rarely (measured: a batch of 8 in the demo grew from 1.6 to 3.4 GB over RAD's 10 steps without
-        it; 2 images, 8 steps: 1.27 -> 1.53 GB without, flat at 1.2-1.3 GB with it)."""
+        it; 2 images, 8 steps: 1.27 -> 1.53 GB without, flat at 1.2-1.3 GB with it). The objects that were
+        alive when the attack began are frozen (:func:`frozen_heap`), so the collection walks only the
+        attack's own objects."""
         gc.collect()
         dense = self.model.dense(x_adv)
         tracked = TrackedNodes.select(self.model, dense, self.selection)

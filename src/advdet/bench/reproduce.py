@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from advdet.bench.reproduce_claims import rad_claims, rad_goal, robustdet_claims
 from advdet.bench.reproduce_pages import now_utc, write_page
 from advdet.bench.reproduce_steps import (DEFAULT_LIMITS, FORMAT, TARGETS, Step, rad_steps, robustdet_steps,
-                                          step_cost, step_models)
+                                          step_cost, step_groups, step_models)
 from advdet.data.errors import AdvdetError
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
               on_step: Callable[[str, str, float], None] | None = None) -> dict:
     """Make or resume the reproduction ``target`` (``rad`` or ``robustdet``) in ``out``.
 
-    Every step of ``plan`` (default :func:`rad_steps` / :func:`robustdet_steps`; ``steps`` picks some by name)
+    Every step of ``plan`` (default :func:`rad_steps` / :func:`robustdet_steps`; ``steps`` picks some by name
+    or by group: ``fig7_eps`` is its three steps)
     is loaded from ``out/<target>/<step>.json`` when present (its settings must match: ``StaleStepError``
     otherwise), else computed and written atomically. Then ``out/<target>.md`` and ``out/<target>.json``
     (command, weights and their sha256, wall time, verdicts, tables; figures in ``out/<target>/``) are
@@ -155,10 +156,13 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
     all_steps = list(plan) if plan is not None else (rad_steps() if target == "rad" else robustdet_steps())
     known = [s.name for s in all_steps]
     if steps:
-        bad = [s for s in steps if s not in known]
+        groups = {g: names for g, names in step_groups(all_steps).items() if g not in known}
+        bad = [s for s in steps if s not in known and s not in groups]
         if bad:
-            raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)}")
-    todo = [s for s in all_steps if not steps or s.name in steps]
+            raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)} "
+                              f"(or a group: {', '.join(groups) or 'none'})")
+    picked = set(n for s in steps for n in groups.get(s, [s])) if steps else None
+    todo = [s for s in all_steps if picked is None or s.name in picked]
     command = command or reproduce_command(target, limit=limit, out=out, steps=steps)
     attack_kwargs = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
     if data in ("shapes-val", "shapes-train"):

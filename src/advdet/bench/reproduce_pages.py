@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from advdet.bench.reproduce_steps import FORMAT, RAD_DEFAULT_SETTING, Step
+from advdet.bench.reproduce_steps import FORMAT, RAD_DEFAULT_SETTING, Step, step_groups
 
 
 def now_utc() -> str:
@@ -90,9 +90,10 @@ def _bootstrap_rows(res: Mapping) -> list[tuple[dict, dict]]:
     return list(zip(res["rows"], block.get("rows") or [{} for _ in res["rows"]]))
 
 
-def _sweep_table(rep, title: str, records: Mapping[str, dict], name: str, key: str, default) -> list | None:
-    """A RAD sweep step as a table of mAP50 with intervals per victim, Table 3's RAD row as the default
-    value."""
+def _sweep_table(rep, title: str, records: Mapping[str, dict], names: Sequence[str], key: str,
+                 default) -> list | None:
+    """A RAD sweep (the steps ``names`` of one group) as a table of mAP50 with intervals per victim, Table
+    3's RAD row as the default value."""
     rows = []
     victims = None
     t3 = records.get("table3")
@@ -103,15 +104,17 @@ def _sweep_table(rep, title: str, records: Mapping[str, dict], name: str, key: s
             if r["attack"] == "rad":
                 tag = f"eps={float(default):g}" if key == "eps" else f"[{default}]"
                 rows.append((default, f"{r['label']} {tag} (Table 3's row)", r, ci))
-    rec = records.get(name)
-    if rec is not None:
-        res = rec["result"]
+    missing = [n for n in names if n not in records]
+    for n in names:
+        if n not in records:
+            continue
+        res = records[n]["result"]
         victims = victims or res["victims"]
         for r, ci in _bootstrap_rows(res):
             if r.get("sweep") is not None:
                 rows.append((r["sweep_value"], r["label"], r, ci))
     if not rows:
-        rep.add_text(f"## {title}\n\nNot run yet (step `{name}`).")
+        rep.add_text(f"## {title}\n\nNot run yet (steps {', '.join(f'`{n}`' for n in names)}).")
         return None
     if key == "eps":
         rows.sort(key=lambda t: float(t[0]))
@@ -119,13 +122,13 @@ def _sweep_table(rep, title: str, records: Mapping[str, dict], name: str, key: s
     table = [[t[0], t[1]] + [_fmt((t[3].get("cells") or {}).get(v)) for v in victims] + [_fmt(t[3].get("black_box"))]
              for t in rows]
     note = "box mAP50 x100 with 95 % bootstrap intervals; every row on the same images and resamples"
-    if rec is None:
-        note += f"; step `{name}` has not run yet: only Table 3's row"
+    if missing:
+        note += f"; not run yet: {', '.join(f'`{n}`' for n in missing)}"
     rep.add_table(title, cols, table, note=note)
     return rows
 
 
-def _rad_page(rep, records: Mapping[str, dict], out: Path) -> dict:
+def _rad_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, list[str]]) -> dict:
     from advdet.bench.intervals import transfer_interval_table, transfer_paired_table
     from advdet.bench.transfer_report import transfer_table
 
@@ -171,11 +174,12 @@ def _rad_page(rep, records: Mapping[str, dict], out: Path) -> dict:
                        for r in res["rows"]])
     else:
         rep.add_text("## Verdicts\n\nTable 3 (the step the verdicts come from) has not run yet.")
-    _sweep_table(rep, "Table 1: node types (RAD)", records, "table1_node_type", "node_type",
-                 RAD_DEFAULT_SETTING["node_type"])
-    _sweep_table(rep, "Table 2: update techniques (RAD)", records, "table2_technique", "technique",
-                 RAD_DEFAULT_SETTING["technique"])
-    rows = _sweep_table(rep, "Fig. 7: RAD against eps", records, "fig7_eps", "eps", RAD_DEFAULT_SETTING["eps"])
+    for title, group, key in (("Table 1: node types (RAD)", "table1_node_type", "node_type"),
+                              ("Table 2: update techniques (RAD)", "table2_technique", "technique")):
+        if group in groups:
+            _sweep_table(rep, title, records, groups[group], key, RAD_DEFAULT_SETTING[key])
+    rows = _sweep_table(rep, "Fig. 7: RAD against eps", records, groups["fig7_eps"], "eps",
+                        RAD_DEFAULT_SETTING["eps"]) if "fig7_eps" in groups else None
     if rows and t3 is not None:
         from advdet.bench.plots import eps_curve_figure
 
@@ -266,7 +270,7 @@ def write_page(target: str, out: Path, steps: Sequence[Step], status: Mapping[st
                     records[s.name].get("finished_utc") if s.name in records else None] for s in steps])
     rep.add_table("Weights", ["model", "file", "sha256"],
                   [[m, w["file"] or w["origin"], w["sha256"] or "-"] for m, w in weights.items()])
-    summary = _rad_page(rep, records, out) if target == "rad" else _rob_page(rep, records, out)
+    summary = _rad_page(rep, records, out, step_groups(steps)) if target == "rad" else _rob_page(rep, records, out)
     page = {"format": FORMAT, "target": target, "command": command, "written_utc": now_utc(), "wall_seconds": wall,
             "step_seconds": step_seconds, "steps": {s.name: {"file": f"{target}/{s.name}.json",
                                                              "status": status.get(s.name, "reused" if s.name in

@@ -6,9 +6,15 @@ RAD (surrogate ``yolov3``, every zoo detector a victim, eps 16, ``shapes-val``):
 
 - ``table3``: every attack (RAD, DAG, Dfool, Loc/Size, OSFD, the four classifier attacks) with No Attack
   and the Gaussian Ablation; it also gives Table 4 (segmentation mAP of maskrcnn) and Table 5 (RMSE);
-- ``table1_node_type``: RAD with ``loc`` and ``size`` nodes (``cls``, RAD's default, is Table 3's row);
-- ``table2_technique``: RAD with no update technique, DI and TI (SI, RAD's default, is Table 3's row);
-- ``fig7_eps``: RAD at eps 4, 8, 12 (eps 16 is Table 3's row).
+- ``table1_node_type_loc``, ``_size`` (group ``table1_node_type``): RAD with ``loc`` and ``size`` nodes
+  (``cls``, RAD's default, is Table 3's row);
+- ``table2_technique_none``, ``_DI``, ``_TI`` (group ``table2_technique``): RAD with no update technique, DI
+  and TI (SI, RAD's default, is Table 3's row);
+- ``fig7_eps_4``, ``_8``, ``_12`` (group ``fig7_eps``): RAD at eps 4, 8, 12 (eps 16 is Table 3's row).
+
+A sweep is one step per value, so that ``--jobs`` can share its RAD runs out evenly (one RAD run takes
+minutes; a whole sweep in one step left a worker idle at the end); the page gathers a group's steps into one
+table. Every step has its own No Attack and Ablation rows on the same images and resamples.
 
 RobustDet (the zoo ``ssd_vgg`` and the six robust entries, eps 8):
 
@@ -21,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["TARGETS", "Step", "rad_steps", "robustdet_steps", "step_models", "DEFAULT_LIMITS", "RAD_SURROGATE",
+__all__ = ["TARGETS", "Step", "rad_steps", "step_groups", "robustdet_steps", "step_models", "DEFAULT_LIMITS", "RAD_SURROGATE",
            "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS", "step_cost"]
 
 TARGETS = ("rad", "robustdet")
@@ -51,27 +57,44 @@ DEFAULT_LIMITS = {"rad": 200, "robustdet": 100}
 @dataclass(frozen=True)
 class Step:
     """One resumable part of a reproduction: a benchmark call (``kind``: ``transfer``, ``robustness`` or
-    ``steps_sweep``) with its own parameters; written to ``OUT/<target>/<name>.json``."""
+    ``steps_sweep``) with its own parameters; written to ``OUT/<target>/<name>.json``; the steps of one
+    ``group`` make one table of the page."""
 
     name: str
     title: str
     kind: str
     params: dict = field(default_factory=dict)
+    group: str = ""  # the page section (one table) the step belongs to; "" is the step itself
+
+    @property
+    def section(self) -> str:
+        return self.group or self.name
 
 
 def rad_steps(surrogate: str = RAD_SURROGATE, victims: Sequence[str] = RAD_VICTIMS,
               attacks: Sequence[str] = RAD_TABLE3_ATTACKS, classifier: str = "classifier") -> list[Step]:
     """The RAD reproduction's steps (see the module docstring)."""
     base = {"surrogates": [surrogate], "victims": list(victims), "classifier": classifier}
-    return [
-        Step("table3", "Tables 3-5: every attack, the classifier rows, the Gaussian ablation", "transfer",
-             {**base, "attacks": list(attacks), "eps": RAD_EPS}),
-        Step("table1_node_type", "Table 1: node types", "transfer",
-             {**base, "attacks": ["rad"], "eps": RAD_EPS, "sweep": "node_type", "sweep_values": list(RAD_NODE_TYPES)}),
-        Step("table2_technique", "Table 2: update techniques", "transfer",
-             {**base, "attacks": ["rad"], "eps": RAD_EPS, "sweep": "technique", "sweep_values": list(RAD_TECHNIQUES)}),
-        Step("fig7_eps", "Fig. 7: eps sweep", "transfer", {**base, "attacks": ["rad"], "eps": list(RAD_SWEEP_EPS)}),
-    ]
+    rad = {**base, "attacks": ["rad"]}
+    steps = [Step("table3", "Tables 3-5: every attack, the classifier rows, the Gaussian ablation", "transfer",
+                  {**base, "attacks": list(attacks), "eps": RAD_EPS})]
+    steps += [Step(f"table1_node_type_{v}", f"Table 1: {v} nodes", "transfer",
+                   {**rad, "eps": RAD_EPS, "sweep": "node_type", "sweep_values": [v]}, group="table1_node_type")
+              for v in RAD_NODE_TYPES]
+    steps += [Step(f"table2_technique_{v}", f"Table 2: technique {v}", "transfer",
+                   {**rad, "eps": RAD_EPS, "sweep": "technique", "sweep_values": [v]}, group="table2_technique")
+              for v in RAD_TECHNIQUES]
+    steps += [Step(f"fig7_eps_{e:g}", f"Fig. 7: eps {e:g}", "transfer",
+                   {**rad, "eps": e, "sweep": "eps", "sweep_values": [e]}, group="fig7_eps") for e in RAD_SWEEP_EPS]
+    return steps
+
+
+def step_groups(steps: Sequence[Step]) -> dict[str, list[str]]:
+    """Per page section (a step's ``group``, or its name) the names of its steps, in order."""
+    groups: dict[str, list[str]] = {}
+    for s in steps:
+        groups.setdefault(s.section, []).append(s.name)
+    return groups
 
 
 def robustdet_steps(models: Sequence[str] = ROBUST_MODELS) -> list[Step]:
@@ -84,15 +107,25 @@ def robustdet_steps(models: Sequence[str] = ROBUST_MODELS) -> list[Step]:
     ]
 
 
+#: RAD's relative cost per technique: gradient evaluations per iteration (SI: 4 scales and the unscaled
+#: image; DI: 5 copies), DI's copies a little larger (16 images: SI 153-160 s, DI 186 s, none 54 s, TI 53 s)
+_RAD_TECHNIQUE_COST = {"none": 2.0, "TI": 2.0, "SI": 10.0, "DI": 12.0}
+
+
 def step_cost(step: Step) -> float:
     """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
-    (per sweep value or eps) counts 10, any other attack row 1 (Table 3 on 2 images: RAD 12.5 CPU-s per
-    image, the other rows 1-3 s of crafting each); a robustness cell (model x attack) counts 40, about the
-    mean attack steps of Table 1 (20-step PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
+    (per sweep value or eps) counts 10 with SI, RAD's default (:data:`_RAD_TECHNIQUE_COST` for the others),
+    any other attack row 1 (16 images: RAD 150-160 s, the other rows 3-8 s of crafting and 2 s of evaluation
+    each); a robustness cell (model x attack) counts 40, about the mean attack steps of Table 1 (20-step
+    PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
     p = step.params
     if step.kind == "transfer":
-        settings = len(p.get("sweep_values") or []) or (len(p["eps"]) if isinstance(p["eps"], list) else 1)
-        return float(sum((10 if a == "rad" else 1) * settings for a in p["attacks"]))
+        values = p.get("sweep_values") or (p["eps"] if isinstance(p["eps"], list) else [p["eps"]])
+        if p.get("sweep") == "technique":
+            rad = sum(_RAD_TECHNIQUE_COST.get(str(v), 10.0) for v in values)
+        else:
+            rad = 10.0 * len(values)
+        return float(sum(rad if a == "rad" else len(values) for a in p["attacks"]))
     cells = len(p["models"]) * len(p["attacks"])
     return float(cells * (sum(p["steps"]) if step.kind == "steps_sweep" else 40))
 
