@@ -120,3 +120,17 @@ def test_channels_last_weights_give_the_same_map_and_gradient_without_mixed_layo
     assert torch.allclose(r0, r1, rtol=1e-4, atol=1e-6) and torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)
     # contiguous model: no layer input is channels-last; channels-last model: all but the first (x itself)
     assert layouts[id(net)][:3] == [False, False, False] and layouts[id(net_cl)][:3] == [False, True, True]
+
+
+def test_split_sign_has_clamps_values_and_their_gradient_away_from_zero():
+    from advdet.relevance.rules.weighted import _split_sign
+
+    t = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0], dtype=torch.float64, requires_grad=True)
+    pos, neg = _split_sign(t)
+    assert torch.equal(pos, t.clamp(min=0)) and torch.equal(neg, t.clamp(max=0))
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    mine = torch.autograd.grad((pos * g).sum() + (neg * g * 10).sum(), t)[0]
+    ref = torch.autograd.grad((t.clamp(min=0) * g).sum() + (t.clamp(max=0) * g * 10).sum(), t)[0]
+    nonzero = t != 0
+    assert torch.equal(mine[nonzero], ref[nonzero])
+    assert mine.tolist() == [10.0, 20.0, 30.0, 4.0, 5.0]  # at 0 only the negative part's slope (relu' = 0)
