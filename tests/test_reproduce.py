@@ -270,11 +270,11 @@ def test_parallel_steps_write_the_same_files_as_one_process(tmp_path, tiny_data,
 
 
 def test_step_cost_puts_rad_rows_first():
-    # Table 3's default: RAD with SI (10) + 9 other attacks; one RAD row per sweep step: SI-like 10, DI 12,
-    # none / TI 2 (one gradient per iteration); Table 1 of RobustDet: 7 x 5 cells
+    # Table 3's default: RAD with SI (10) + 9 other attacks (0.5 each); one RAD row per sweep step: SI-like
+    # 10, DI 13, none / TI 3 (one gradient per iteration); Table 1 of RobustDet: 7 x 5 cells
     costs = {s.name: step_cost(s) for s in rad_steps()}
-    assert costs == {"table3": 19.0, "table1_node_type_loc": 10.0, "table1_node_type_size": 10.0,
-                     "table2_technique_none": 2.0, "table2_technique_DI": 12.0, "table2_technique_TI": 2.0,
+    assert costs == {"table3": 14.5, "table1_node_type_loc": 10.0, "table1_node_type_size": 10.0,
+                     "table2_technique_none": 3.0, "table2_technique_DI": 13.0, "table2_technique_TI": 3.0,
                      "fig7_eps_4": 10.0, "fig7_eps_8": 10.0, "fig7_eps_12": 10.0}
     assert step_groups(rad_steps()) == {
         "table3": ["table3"], "table1_node_type": ["table1_node_type_loc", "table1_node_type_size"],

@@ -107,16 +107,16 @@ def robustdet_steps(models: Sequence[str] = ROBUST_MODELS) -> list[Step]:
     ]
 
 
-#: RAD's relative cost per technique: gradient evaluations per iteration (SI: 4 scales and the unscaled
-#: image; DI: 5 copies), DI's copies a little larger (16 images: SI 153-160 s, DI 186 s, none 54 s, TI 53 s)
-_RAD_TECHNIQUE_COST = {"none": 2.0, "TI": 2.0, "SI": 10.0, "DI": 12.0}
+#: RAD's relative cost per technique, a step's RAD row and its two reference rows (16 images, one thread:
+#: SI 139-149 s, DI 186 s, none 45 s, TI 50 s)
+_RAD_TECHNIQUE_COST = {"none": 3.0, "TI": 3.0, "SI": 10.0, "DI": 13.0}
 
 
 def step_cost(step: Step) -> float:
     """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
     (per sweep value or eps) counts 10 with SI, RAD's default (:data:`_RAD_TECHNIQUE_COST` for the others),
-    any other attack row 1 (16 images: RAD 150-160 s, the other rows 3-8 s of crafting and 2 s of evaluation
-    each); a robustness cell (model x attack) counts 40, about the mean attack steps of Table 1 (20-step
+    any other attack row 0.5 (16 images: RAD 130-140 s, the other rows 3-8 s of crafting and 2 s of evaluation
+    each; Table 3 210 s); a robustness cell (model x attack) counts 40, about the mean attack steps of Table 1 (20-step
     PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
     p = step.params
     if step.kind == "transfer":
@@ -125,7 +125,7 @@ def step_cost(step: Step) -> float:
             rad = sum(_RAD_TECHNIQUE_COST.get(str(v), 10.0) for v in values)
         else:
             rad = 10.0 * len(values)
-        return float(sum(rad if a == "rad" else len(values) for a in p["attacks"]))
+        return float(sum(rad if a == "rad" else 0.5 * len(values) for a in p["attacks"]))
     cells = len(p["models"]) * len(p["attacks"])
     return float(cells * (sum(p["steps"]) if step.kind == "steps_sweep" else 40))
 
