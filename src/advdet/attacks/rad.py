@@ -116,7 +116,6 @@ def second_term(ov: OutputVector, values: str, idx: torch.Tensor, weight: torch.
     return (picked * w).sum(1) / w.sum(1).clamp(min=1)
 
 
-
 @contextlib.contextmanager
 def frozen_heap():
     """Collect once, then ``gc.freeze()`` for the block: the per-step collections of :meth:`RAD.on_step`
@@ -132,6 +131,7 @@ def frozen_heap():
     finally:
         if not outer:
             gc.unfreeze()
+
 
 @dataclass
 class RADDiagnostics:

@@ -159,8 +159,8 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
         groups = {g: names for g, names in step_groups(all_steps).items() if g not in known}
         bad = [s for s in steps if s not in known and s not in groups]
         if bad:
-            raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)} "
-                              f"(or a group: {', '.join(groups) or 'none'})")
+            also = f" (or a group: {', '.join(groups)})" if groups else ""
+            raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)}{also}")
     picked = set(n for s in steps for n in groups.get(s, [s])) if steps else None
     todo = [s for s in all_steps if picked is None or s.name in picked]
     command = command or reproduce_command(target, limit=limit, out=out, steps=steps)

@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["TARGETS", "Step", "rad_steps", "step_groups", "robustdet_steps", "step_models", "DEFAULT_LIMITS", "RAD_SURROGATE",
-           "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS", "step_cost"]
+__all__ = ["TARGETS", "Step", "rad_steps", "step_groups", "robustdet_steps", "step_models", "DEFAULT_LIMITS",
+           "RAD_SURROGATE", "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS", "step_cost"]
 
 TARGETS = ("rad", "robustdet")
 FORMAT = 1
@@ -115,9 +115,9 @@ _RAD_TECHNIQUE_COST = {"none": 3.0, "TI": 3.0, "SI": 10.0, "DI": 13.0}
 def step_cost(step: Step) -> float:
     """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
     (per sweep value or eps) counts 10 with SI, RAD's default (:data:`_RAD_TECHNIQUE_COST` for the others),
-    any other attack row 0.5 (16 images: RAD 130-140 s, the other rows 3-8 s of crafting and 2 s of evaluation
-    each; Table 3 210 s); a robustness cell (model x attack) counts 40, about the mean attack steps of Table 1 (20-step
-    PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
+    any other attack row 0.5 (16 images: RAD 130-140 s, the other rows 3-8 s of crafting and 2 s of
+    evaluation each; Table 3 210 s); a robustness cell (model x attack) counts 40, about the mean attack
+    steps of Table 1 (20-step PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
     p = step.params
     if step.kind == "transfer":
         values = p.get("sweep_values") or (p["eps"] if isinstance(p["eps"], list) else [p["eps"]])
