@@ -265,6 +265,8 @@ def test_parallel_steps_write_the_same_files_as_one_process(tmp_path, tiny_data,
     assert min(r["perturbation"]["rmse"] for r in rows if r["label"] != "No Attack") > 0  # the images differ
     page = json.loads((tmp_path / "two" / "rad.json").read_text())
     assert {s["status"] for s in page["steps"].values()} == {"computed"}
+    assert page["command"].endswith("--jobs 2")  # the page's wall time is that of two workers
+    assert "--jobs" not in json.loads((tmp_path / "one" / "rad.json").read_text())["command"]
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         reproduce("rad", tmp_path / "three", jobs=0, **kw)
 

@@ -163,7 +163,8 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
             raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)}{also}")
     picked = set(n for s in steps for n in groups.get(s, [s])) if steps else None
     todo = [s for s in all_steps if picked is None or s.name in picked]
-    command = command or reproduce_command(target, limit=limit, out=out, steps=steps)
+    command = command or reproduce_command(target, limit=limit, out=out, steps=steps,
+                                           extra=["--jobs", str(jobs)] if jobs > 1 else [])  # it sets the wall time
     attack_kwargs = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
     if data in ("shapes-val", "shapes-train"):
         from advdet.data.shapes import ensure_default_shapes

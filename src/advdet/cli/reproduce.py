@@ -40,7 +40,8 @@ def reproduce_cmd(
         raise typer.BadParameter(f"{target!r}: choose one of {', '.join(TARGETS)}", param_hint="TARGET")
     step_list = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
     extra = []
-    for flag, value, default in (("--batch-size", batch_size, 8), ("--seed", seed, 0), ("--n-boot", n_boot, 1000)):
+    for flag, value, default in (("--batch-size", batch_size, 8), ("--seed", seed, 0), ("--n-boot", n_boot, 1000),
+                                 ("--jobs", jobs, 1)):
         if value != default:
             extra += [flag, str(value)]
     n = limit if limit is not None else DEFAULT_LIMITS[target]
