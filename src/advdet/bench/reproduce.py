@@ -91,14 +91,17 @@ def _run_step(step: Step, *, data: str, limit: int | None, seed: int, batch_size
 
 
 def reproduce_command(target: str, *, limit: int | None, out: str | Path, steps: Sequence[str] | None = None,
-                      extra: Sequence[str] = ()) -> str:
-    """The command line that makes (or resumes) a reproduction, as the page states it."""
+                      extra: Sequence[str] = (), jobs: int = 1) -> str:
+    """The command line that makes (or resumes) a reproduction, as the page states it (with ``--jobs N``
+    when N > 1: it sets the page's wall time)."""
     parts = ["advdet", "reproduce", target]
     if limit is not None:
         parts += ["--limit", str(limit)]
     parts += ["--out", str(out)]
     if steps:
         parts += ["--steps", ",".join(steps)]
+    if jobs > 1:
+        parts += ["--jobs", str(jobs)]
     return " ".join(list(parts) + list(extra))
 
 
@@ -155,16 +158,16 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
     out = Path(out)
     all_steps = list(plan) if plan is not None else (rad_steps() if target == "rad" else robustdet_steps())
     known = [s.name for s in all_steps]
+    todo = all_steps
     if steps:
         groups = {g: names for g, names in step_groups(all_steps).items() if g not in known}
         bad = [s for s in steps if s not in known and s not in groups]
         if bad:
             also = f" (or a group: {', '.join(groups)})" if groups else ""
             raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)}{also}")
-    picked = set(n for s in steps for n in groups.get(s, [s])) if steps else None
-    todo = [s for s in all_steps if picked is None or s.name in picked]
-    command = command or reproduce_command(target, limit=limit, out=out, steps=steps,
-                                           extra=["--jobs", str(jobs)] if jobs > 1 else [])  # it sets the wall time
+        picked = {n for s in steps for n in groups.get(s, [s])}
+        todo = [s for s in all_steps if s.name in picked]
+    command = command or reproduce_command(target, limit=limit, out=out, steps=steps, jobs=jobs)
     attack_kwargs = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
     if data in ("shapes-val", "shapes-train"):
         from advdet.data.shapes import ensure_default_shapes

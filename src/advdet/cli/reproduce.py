@@ -40,12 +40,11 @@ def reproduce_cmd(
         raise typer.BadParameter(f"{target!r}: choose one of {', '.join(TARGETS)}", param_hint="TARGET")
     step_list = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
     extra = []
-    for flag, value, default in (("--batch-size", batch_size, 8), ("--seed", seed, 0), ("--n-boot", n_boot, 1000),
-                                 ("--jobs", jobs, 1)):
+    for flag, value, default in (("--batch-size", batch_size, 8), ("--seed", seed, 0), ("--n-boot", n_boot, 1000)):
         if value != default:
             extra += [flag, str(value)]
     n = limit if limit is not None else DEFAULT_LIMITS[target]
-    command = reproduce_command(target, limit=n, out=out, steps=step_list, extra=extra)
+    command = reproduce_command(target, limit=n, out=out, steps=step_list, extra=extra, jobs=jobs)
 
     def on_step(name: str, status: str, seconds: float) -> None:
         console.print(f"{name}: {status} ({seconds:.0f} s)", markup=False, highlight=False)
