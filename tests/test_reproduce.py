@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from advdet.bench.reproduce import StaleStepError, reproduce, reproduce_command
-from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, mean_samples, rad_claims, rad_goal,
-                                           ratio_samples, reduction_interval, robustdet_claims, verdict)
+from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, held_out_goal, mean_samples, rad_claims,
+                                           rad_goal, ratio_samples, reduction_interval, robustdet_claims, verdict)
 from advdet.bench.reproduce_steps import Step, rad_steps, robustdet_steps, step_cost, step_groups
 
 
@@ -115,6 +115,26 @@ def test_rad_claims_known_answers():
     assert [p["verdict"] for p in g["parts"]] == [HOLDS, HOLDS] and g["verdict"] == HOLDS
     d = goal["dag-eps"]                                       # v1 33 %, v2 25 %: fails, worst v2
     assert d["verdict"] == FAILS and d["worst"] == "v2"
+
+
+def test_held_out_goal_known_answers():
+    # No Attack, then two leave-one-out rows of pgd: a (ensemble b+c) and b (ensemble a+c); victims a, b, c
+    rows = [{"label": "No Attack", "attack": None, "metrics": {"a": {"map50": 0.8}, "b": {"map50": 0.6}}},
+            {"label": "ens-pgd without a", "attack": "pgd", "surrogate": "b+c", "held_out": "a",
+             "metrics": {"a": {"map50": 0.3}, "b": {"map50": 0.1}}},
+            {"label": "ens-pgd without b", "attack": "pgd", "surrogate": "a+c", "held_out": "b",
+             "metrics": {"a": {"map50": 0.1}, "b": {"map50": 0.45}}}]
+    cells = {(0, "a"): [0.8, 0.8, 0.8], (0, "b"): [0.6, 0.6, 0.6],
+             (1, "a"): [0.2, 0.3, 0.4], (1, "b"): [0.1] * 3,    # a: cut 50-75 % -> holds
+             (2, "a"): [0.1] * 3, (2, "b"): [0.4, 0.45, 0.5]}   # b: cut 16.7-33.3 % -> fails
+    (g,) = held_out_goal({"rows": rows}, {"cells": cells})
+    parts = {p["label"]: p for p in g["parts"]}
+    assert g["attack"] == "pgd" and list(parts) == ["a", "b"]
+    assert parts["a"]["interval"]["value"] == pytest.approx(1 - 0.3 / 0.8)
+    assert parts["a"]["interval"]["lo"] >= 0.5 and parts["a"]["verdict"] == HOLDS
+    assert parts["a"]["ensemble"] == "b+c" and parts["a"]["clean_map50"] == pytest.approx(0.8)
+    assert parts["b"]["interval"]["value"] == pytest.approx(0.25) and parts["b"]["verdict"] == FAILS
+    assert g["worst"] == "b" and g["verdict"] == FAILS
 
 
 def test_robustdet_claims_known_answers():
@@ -239,6 +259,27 @@ def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(t
     assert f3.read_bytes() == before
 
 
+def test_leave_one_out_step_gives_the_held_out_goal(tmp_path, tiny_data, tiny_models):
+    plan = [Step("ensembles", "Leave-one-out", "transfer",
+                 {"surrogates": [], "victims": ["yolo", "ssd"], "classifier": "classifier", "attacks": ["pgd"],
+                  "eps": 16.0, "leave_one_out": True})]
+    page = reproduce("rad", tmp_path, limit=2, data=tiny_data, models=tiny_models, plan=plan,
+                     attack_kwargs={"pgd": {"steps": 1}}, n_boot=50, batch_size=2, progress=False, device="cpu")
+    rec = json.loads((tmp_path / "rad" / "ensembles.json").read_text())
+    rows = rec["result"]["rows"]
+    assert [r["label"] for r in rows] == ["No Attack", "Ablation", "ens-pgd without yolo", "ens-pgd without ssd"]
+    (g,) = page["held_out_goal"]
+    assert [(p["label"], p["ensemble"]) for p in g["parts"]] == [("yolo", "ssd"), ("ssd", "yolo")]
+    for p, r in zip(g["parts"], rows[2:]):  # the cut is that of the step file's own mAP50 values
+        clean, att = rows[0]["metrics"][p["label"]]["map50"], r["metrics"][p["label"]]["map50"]
+        if clean > 0:
+            assert p["interval"]["value"] == pytest.approx(1 - att / clean)
+    assert g["verdict"] in (HOLDS, FAILS, UNDECIDED)
+    md = (tmp_path / "rad.md").read_text()
+    assert "## Leave-one-out ensembles: every victim against the ensemble of the others" in md
+    assert "## Verdicts\n\nTable 3" in md  # no Table 3 in this plan: said, not failed
+
+
 def _without_times(obj):
     """``obj`` without its wall / CPU timings (the only entries that differ between two runs)."""
     if isinstance(obj, dict):
@@ -277,11 +318,12 @@ def test_step_cost_puts_rad_rows_first():
     costs = {s.name: step_cost(s) for s in rad_steps()}
     assert costs == {"table3": 14.5, "table1_node_type_loc": 10.0, "table1_node_type_size": 10.0,
                      "table2_technique_none": 3.0, "table2_technique_DI": 13.0, "table2_technique_TI": 3.0,
-                     "fig7_eps_4": 10.0, "fig7_eps_8": 10.0, "fig7_eps_12": 10.0}
+                     "fig7_eps_4": 10.0, "fig7_eps_8": 10.0, "fig7_eps_12": 10.0,
+                     "ensembles": 15.0}  # six ensembles of five members, 0.5 each
     assert step_groups(rad_steps()) == {
         "table3": ["table3"], "table1_node_type": ["table1_node_type_loc", "table1_node_type_size"],
         "table2_technique": ["table2_technique_none", "table2_technique_DI", "table2_technique_TI"],
-        "fig7_eps": ["fig7_eps_4", "fig7_eps_8", "fig7_eps_12"]}
+        "fig7_eps": ["fig7_eps_4", "fig7_eps_8", "fig7_eps_12"], "ensembles": ["ensembles"]}
     assert step_cost(robustdet_steps()[0]) == 7 * 5 * 40.0
     assert step_cost(robustdet_steps()[1]) == 7 * 2 * (1 + 5 + 10 + 20)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from advdet.bench.reproduce_claims import rad_claims, rad_goal, robustdet_claims
+from advdet.bench.reproduce_claims import held_out_goal, rad_claims, rad_goal, robustdet_claims
 from advdet.bench.reproduce_pages import now_utc, write_page
 from advdet.bench.reproduce_steps import (DEFAULT_LIMITS, FORMAT, TARGETS, Step, rad_steps, robustdet_steps,
                                           step_cost, step_groups, step_models)
@@ -73,9 +73,11 @@ def _run_step(step: Step, *, data: str, limit: int | None, seed: int, batch_size
 
         res = transfer_matrix(p.pop("surrogates"), p.pop("attacks"), p.pop("victims"), data, models=models,
                               attack_kwargs=attack_kwargs, examples=0, relevance=False, **p, **common)
-        if step.name == "table3" and res.get("_bootstrap_samples"):
-            derived = {"claims": rad_claims(res, res["_bootstrap_samples"]),
-                       "goal": rad_goal(res, res["_bootstrap_samples"])}
+        samples = res.get("_bootstrap_samples")
+        if step.name == "table3" and samples:
+            derived = {"claims": rad_claims(res, samples), "goal": rad_goal(res, samples)}
+        elif step.params.get("leave_one_out") and samples:
+            derived = {"held_out_goal": held_out_goal(res, samples)}
         return json_ready(res), derived
     from advdet.bench.robustness import robustness_steps_sweep, robustness_table
 

@@ -18,7 +18,7 @@ import numpy as np
 from advdet.metrics.bootstrap import DEFAULT_LEVEL, interval
 
 __all__ = ["HOLDS", "FAILS", "UNDECIDED", "verdict", "combine", "ratio_samples", "reduction_interval",
-           "difference_interval", "mean_samples", "rad_claims", "rad_goal", "robustdet_claims"]
+           "difference_interval", "mean_samples", "rad_claims", "rad_goal", "held_out_goal", "robustdet_claims"]
 
 HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided"
 
@@ -191,6 +191,32 @@ def rad_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL)
         worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
         out.append({"attack": r["label"], "kind": r["kind"], "surrogate": r.get("surrogate"), "threshold": HALVED,
                     "parts": parts, "worst": worst, "verdict": combine([p["verdict"] for p in parts])})
+    return out
+
+
+def held_out_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL) -> list[dict]:
+    """The project's goal on the leave-one-out rows of a ``transfer_matrix`` result (``leave_one_out``), per
+    attack: the ensemble of every other victim halves the held-out victim's mAP50, ``1 - row/No Attack``
+    >= 0.5 on every held-out victim. Each entry: ``attack``, ``parts`` per held-out victim (``label``,
+    ``ensemble`` (its members), reduction ``interval``, ``verdict``, ``map50`` / ``clean_map50``), ``worst``
+    and ``verdict`` (every held-out victim)."""
+    rows, cells = result["rows"], samples["cells"]
+    by_attack: dict[str, list[dict]] = {}
+    for ri, r in enumerate(rows):
+        v = r.get("held_out")
+        if v is None:
+            continue
+        att, clean = _point(r["metrics"][v]["map50"]), _point(rows[0]["metrics"][v]["map50"])
+        ci = reduction_interval(att, clean, cells[(ri, v)], cells[(0, v)], level)
+        part = _part(v, ci, HALVED)
+        part.update(ensemble=r.get("surrogate"), map50=att, clean_map50=clean)
+        by_attack.setdefault(r["attack"], []).append(part)
+    out = []
+    for attack, parts in by_attack.items():
+        defined = [p for p in parts if p["interval"]["value"] is not None]
+        worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
+        out.append({"attack": attack, "threshold": HALVED, "parts": parts, "worst": worst,
+                    "verdict": combine([p["verdict"] for p in parts])})
     return out
 
 

@@ -191,7 +191,34 @@ def _rad_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, 
                                reference={v: res3["rows"][0]["metrics"][v]["map50"] for v in victims})
         _write_figure(out / "rad" / "fig7_eps.png", fig)
         rep.add_text("![RAD: box mAP50 against eps](rad/fig7_eps.png)")
+    if "ensembles" in groups:
+        summary["held_out_goal"] = _ensembles_section(rep, records.get("ensembles"))
     return summary
+
+
+def _ensembles_section(rep, record: Mapping | None) -> list[dict]:
+    """The leave-one-out ensembles: per held-out victim its clean and attacked mAP50 and the cut with its
+    interval against the project's goal (halved), then the step's whole table with intervals."""
+    from advdet.bench.intervals import transfer_interval_table
+
+    title = "Leave-one-out ensembles: every victim against the ensemble of the others"
+    if record is None:
+        rep.add_text(f"## {title}\n\nNot run yet (step `ensembles`).")
+        return []
+    goals = record["derived"].get("held_out_goal", [])
+    table = [[g["attack"], p["label"], p["ensemble"], _fmt(p["interval"]), p["verdict"]]
+             for g in goals for p in g["parts"]]
+    table += [[g["attack"], "every held-out victim", f"worst: {g['worst'] or '-'}", "-", f"**{g['verdict']}**"]
+              for g in goals]
+    rep.add_table(title, ["attack", "held-out victim", "ensemble", "mAP50 cut % [95 % interval]",
+                          "verdict (>= 50 %)"], table,
+                  note="1 - ensemble row/No Attack mAP50 of the held-out victim, per resample; the project's goal "
+                       "(halve every unseen family) holds for an attack when it holds on every held-out victim")
+    ci_table = transfer_interval_table(record["result"])
+    if ci_table is not None:
+        rep.add_table("Leave-one-out ensembles: box mAP50 (x100) with 95 % bootstrap intervals", *ci_table,
+                      note="black-box mean: the held-out victim alone; the other cells are the ensemble's members")
+    return goals
 
 
 def _rob_page(rep, records: Mapping[str, dict], out: Path) -> dict:

@@ -10,7 +10,10 @@ RAD (surrogate ``yolov3``, every zoo detector a victim, eps 16, ``shapes-val``):
   (``cls``, RAD's default, is Table 3's row);
 - ``table2_technique_none``, ``_DI``, ``_TI`` (group ``table2_technique``): RAD with no update technique, DI
   and TI (SI, RAD's default, is Table 3's row);
-- ``fig7_eps_4``, ``_8``, ``_12`` (group ``fig7_eps``): RAD at eps 4, 8, 12 (eps 16 is Table 3's row).
+- ``fig7_eps_4``, ``_8``, ``_12`` (group ``fig7_eps``): RAD at eps 4, 8, 12 (eps 16 is Table 3's row);
+- ``ensembles``: the leave-one-out ensembles, every victim attacked by the ensemble of the other victims
+  (sign-PGD on their detection losses, eps 16): how close the project's goal, halving the mAP50 of every
+  unseen family, comes when the attacker holds every other family.
 
 A sweep is one step per value, so that ``--jobs`` can share its RAD runs out evenly (one RAD run takes
 minutes; a whole sweep in one step left a worker idle at the end); the page gathers a group's steps into one
@@ -28,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 __all__ = ["TARGETS", "Step", "rad_steps", "step_groups", "robustdet_steps", "step_models", "DEFAULT_LIMITS",
-           "RAD_SURROGATE", "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "ROBUST_MODELS", "step_cost"]
+           "RAD_SURROGATE", "RAD_VICTIMS", "RAD_TABLE3_ATTACKS", "RAD_ENSEMBLE_ATTACKS", "ROBUST_MODELS",
+           "step_cost"]
 
 TARGETS = ("rad", "robustdet")
 FORMAT = 1
@@ -38,6 +42,8 @@ RAD_SURROGATE = "yolov3"
 RAD_VICTIMS = ("yolov3", "ssd_vgg", "retinanet", "fcos", "fasterrcnn", "maskrcnn")
 RAD_TABLE3_ATTACKS = ("rad", "dag-eps", "dfool", "loc-shift", "size", "osfd", "cls-pgd", "cls-si-pgd",
                       "cls-mi-di-pgd", "cls-mi-ti-pgd")
+#: the attacks of the leave-one-out ensembles (the transfer regime's, docs/benchmark.md)
+RAD_ENSEMBLE_ATTACKS = ("pgd",)
 RAD_EPS = 16.0
 #: the sweeps' values that are not Table 3's RAD row (whose defaults are cls nodes, SI, eps 16)
 RAD_NODE_TYPES = ("loc", "size")
@@ -86,6 +92,9 @@ def rad_steps(surrogate: str = RAD_SURROGATE, victims: Sequence[str] = RAD_VICTI
               for v in RAD_TECHNIQUES]
     steps += [Step(f"fig7_eps_{e:g}", f"Fig. 7: eps {e:g}", "transfer",
                    {**rad, "eps": e, "sweep": "eps", "sweep_values": [e]}, group="fig7_eps") for e in RAD_SWEEP_EPS]
+    steps.append(Step("ensembles", "Leave-one-out ensembles: each victim attacked by the other victims", "transfer",
+                      {"surrogates": [], "victims": list(victims), "classifier": classifier,
+                       "attacks": list(RAD_ENSEMBLE_ATTACKS), "eps": RAD_EPS, "leave_one_out": True}))
     return steps
 
 
@@ -116,11 +125,15 @@ def step_cost(step: Step) -> float:
     """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
     (per sweep value or eps) counts 10 with SI, RAD's default (:data:`_RAD_TECHNIQUE_COST` for the others),
     any other attack row 0.5 (16 images: RAD 130-140 s, the other rows 3-8 s of crafting and 2 s of
-    evaluation each; Table 3 210 s); a robustness cell (model x attack) counts 40, about the mean attack
+    evaluation each; Table 3 210 s), and 0.5 per member of every leave-one-out ensemble (each member is one
+    more surrogate gradient per step); a robustness cell (model x attack) counts 40, about the mean attack
     steps of Table 1 (20-step PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
     p = step.params
     if step.kind == "transfer":
         values = p.get("sweep_values") or (p["eps"] if isinstance(p["eps"], list) else [p["eps"]])
+        if p.get("leave_one_out"):
+            pool = len(p["victims"]) if p["leave_one_out"] is True else len(p["leave_one_out"])
+            return float(len(p["attacks"]) * 0.5 * pool * (pool - 1) * len(values))
         if p.get("sweep") == "technique":
             rad = sum(_RAD_TECHNIQUE_COST.get(str(v), 10.0) for v in values)
         else:

@@ -15,15 +15,15 @@ from advdet.cli.options import Device
 
 @app.command("reproduce")
 def reproduce_cmd(
-        target: str = typer.Argument(..., help="rad (RAD Tables 1-5, Fig. 7) or robustdet (RobustDet Table 1, "
-                                               "Fig. 7a/b)."),
+        target: str = typer.Argument(..., help="rad (RAD Tables 1-5, Fig. 7, leave-one-out ensembles) or "
+                                               "robustdet (RobustDet Table 1, Fig. 7a/b)."),
         limit: Optional[int] = typer.Option(None, help="Images of shapes-val (default: rad 200, robustdet 100)."),
         out: Path = typer.Option(Path("docs/results"), help="Folder of the pages (TARGET.md, TARGET.json) and of "
                                  "the step files (TARGET/STEP.json, reused when present)."),
         steps: Optional[str] = typer.Option(None, help="Comma list of steps or groups of steps to run (default "
                                             "all; rad: table3 and the groups table1_node_type (_loc, _size), "
-                                            "table2_technique (_none, _DI, _TI), fig7_eps (_4, _8, _12); "
-                                            "robustdet: table1, fig7_steps)."),
+                                            "table2_technique (_none, _DI, _TI), fig7_eps (_4, _8, _12), "
+                                            "ensembles (leave-one-out); robustdet: table1, fig7_steps)."),
         batch_size: int = typer.Option(8, help="Images per batch."),
         seed: int = typer.Option(0, help="Attack seed."),
         n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the intervals and verdicts."),
