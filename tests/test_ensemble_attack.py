@@ -194,6 +194,8 @@ def test_plan_rows_leave_one_out():
     assert ensemble_members("ssd_vgg+fcos") == ["ssd_vgg", "fcos"] and ensemble_members(None) == []
     rows = plan_rows([], ["rad"], leave_one_out=pool, eps=[8, 16])
     assert [r.label for r in rows[2:4]] == ["ens-rad without yolov3 eps=8", "ens-rad without yolov3 eps=16"]
+    rows = plan_rows([], ["ens-pgd"], leave_one_out=pool)  # an ensemble attack keeps its own name
+    assert [r.label for r in rows[2:]] == ["ens-pgd without yolov3", "ens-pgd without ssd_vgg", "ens-pgd without fcos"]
     with pytest.raises(ValueError, match="at least two"):
         plan_rows([], ["rad"], leave_one_out=["yolov3"])
 

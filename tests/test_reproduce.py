@@ -261,10 +261,10 @@ def test_rad_reproduction_resumes_and_states_command_weights_time_and_verdicts(t
 
 def test_leave_one_out_step_gives_the_held_out_goal(tmp_path, tiny_data, tiny_models):
     plan = [Step("ensembles", "Leave-one-out", "transfer",
-                 {"surrogates": [], "victims": ["yolo", "ssd"], "classifier": "classifier", "attacks": ["pgd"],
+                 {"surrogates": [], "victims": ["yolo", "ssd"], "classifier": "classifier", "attacks": ["ens-pgd"],
                   "eps": 16.0, "leave_one_out": True})]
     page = reproduce("rad", tmp_path, limit=2, data=tiny_data, models=tiny_models, plan=plan,
-                     attack_kwargs={"pgd": {"steps": 1}}, n_boot=50, batch_size=2, progress=False, device="cpu")
+                     attack_kwargs={"ens-pgd": {"steps": 1}}, n_boot=50, batch_size=2, progress=False, device="cpu")
     rec = json.loads((tmp_path / "rad" / "ensembles.json").read_text())
     rows = rec["result"]["rows"]
     assert [r["label"] for r in rows] == ["No Attack", "Ablation", "ens-pgd without yolo", "ens-pgd without ssd"]
@@ -274,7 +274,7 @@ def test_leave_one_out_step_gives_the_held_out_goal(tmp_path, tiny_data, tiny_mo
         clean, att = rows[0]["metrics"][p["label"]]["map50"], r["metrics"][p["label"]]["map50"]
         if clean > 0:
             assert p["interval"]["value"] == pytest.approx(1 - att / clean)
-    assert g["verdict"] in (HOLDS, FAILS, UNDECIDED)
+    assert g["attack"] == "ens-pgd" and g["verdict"] in (HOLDS, FAILS, UNDECIDED)
     md = (tmp_path / "rad.md").read_text()
     assert "## Leave-one-out ensembles: every victim against the ensemble of the others" in md
     assert "## Verdicts\n\nTable 3" in md  # no Table 3 in this plan: said, not failed

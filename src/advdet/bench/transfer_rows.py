@@ -108,8 +108,9 @@ def ensemble_members(surrogate: str | None) -> list[str]:
 
 
 def leave_one_out_label(attack: str, held_out: str) -> str:
-    """The label of a leave-one-out row: ``ens-<attack> without <held_out>``."""
-    return f"ens-{attack} without {held_out}"
+    """The label of a leave-one-out row: ``ens-<attack> without <held_out>`` (an ensemble attack such as
+    ``ens-pgd`` keeps its own name)."""
+    return f"{attack if attack.startswith('ens-') else 'ens-' + attack} without {held_out}"
 
 
 def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float | Sequence[float] = 16.0,
