@@ -12,8 +12,9 @@ RAD (surrogate ``yolov3``, every zoo detector a victim, eps 16, ``shapes-val``):
   and TI (SI, RAD's default, is Table 3's row);
 - ``fig7_eps_4``, ``_8``, ``_12`` (group ``fig7_eps``): RAD at eps 4, 8, 12 (eps 16 is Table 3's row);
 - ``ensembles``: the leave-one-out ensembles, every victim attacked by the ensemble of the other victims
-  (``ens-pgd``: sign-PGD on their detection losses, each member's gradient L1-normalised, eps 16): how close the project's goal, halving the mAP50 of every
-  unseen family, comes when the attacker holds every other family.
+  (``ens-pgd``: sign-PGD on their detection losses, each member's gradient L1-normalised, eps 16): how
+  close the project's goal, halving the mAP50 of every unseen family, comes when the attacker holds every
+  other family.
 
 A sweep is one step per value, so that ``--jobs`` can share its RAD runs out evenly (one RAD run takes
 minutes; a whole sweep in one step left a worker idle at the end); the page gathers a group's steps into one
