@@ -13,6 +13,7 @@ import torch
 from advdet.bench.reproduce import StaleStepError, reproduce, reproduce_command
 from advdet.bench.reproduce_claims import (FAILS, HOLDS, UNDECIDED, combine, held_out_goal, mean_samples, rad_claims,
                                            rad_goal, ratio_samples, reduction_interval, robustdet_claims, verdict)
+from advdet.bench.reproduce_pages import merge_model_steps
 from advdet.bench.reproduce_steps import Step, rad_steps, robustdet_steps, step_cost, step_groups
 
 
@@ -324,8 +325,9 @@ def test_step_cost_puts_rad_rows_first():
         "table3": ["table3"], "table1_node_type": ["table1_node_type_loc", "table1_node_type_size"],
         "table2_technique": ["table2_technique_none", "table2_technique_DI", "table2_technique_TI"],
         "fig7_eps": ["fig7_eps_4", "fig7_eps_8", "fig7_eps_12"], "ensembles": ["ensembles"]}
-    assert step_cost(robustdet_steps()[0]) == 7 * 5 * 40.0
-    assert step_cost(robustdet_steps()[1]) == 7 * 2 * (1 + 5 + 10 + 20)
+    rob = robustdet_steps()
+    assert [s.name for s in rob[:2]] == ["table1_ssd_vgg", "table1_ssd_vgg-at-cls"] and len(rob) == 14
+    assert step_cost(rob[0]) == 5 * 40.0 and step_cost(rob[7]) == 2 * (1 + 5 + 10 + 20)
 
 
 def test_robustdet_reproduction_claims_and_resume(tmp_path, tiny_data, tiny_models):
@@ -357,6 +359,43 @@ def test_robustdet_reproduction_claims_and_resume(tmp_path, tiny_data, tiny_mode
     again = reproduce("robustdet", out, **kw)
     assert {s["status"] for s in again["steps"].values()} == {"reused"}
     assert again["claims"] == page["claims"]
+
+
+def test_robustdet_steps_per_model_merge_into_the_one_call_table(tmp_path, tiny_data, tiny_models):
+    given = {"ssd_vgg": tiny_models["ssd"], "ssd_vgg-mtd": tiny_models["ssd-mtd"],
+             "robustdet": tiny_models["robustdet"]}
+    models = list(given)
+    one = [Step("table1", "Table 1", "robustness", {"models": models, "attacks": ["clean", "cls", "dag"], "steps": 1}),
+           Step("fig7_steps", "Fig. 7", "steps_sweep", {"models": models, "attacks": ["cls", "loc"], "steps": [1, 2]})]
+    per = robustdet_steps(models, attacks=("clean", "cls", "dag"), sweep_steps=(1, 2), attack_steps=1)
+    assert [s.name for s in per] == ["table1_ssd_vgg", "table1_ssd_vgg-mtd", "table1_robustdet",
+                                     "fig7_steps_ssd_vgg", "fig7_steps_ssd_vgg-mtd", "fig7_steps_robustdet"]
+    kw = dict(limit=2, data=tiny_data, models=given, n_boot=50, batch_size=2, progress=False, device="cpu")
+    whole = reproduce("robustdet", tmp_path / "one", plan=one, **kw)
+    # one model first: the page shows it, but gives no verdict on a partial table
+    part = reproduce("robustdet", tmp_path / "per", plan=per, steps=["table1_robustdet"], **kw)
+    assert part["claims"] == []
+    assert "Table 1 is partial, so no verdict is given yet" in (tmp_path / "per" / "robustdet.md").read_text()
+    split = reproduce("robustdet", tmp_path / "per", plan=per, **kw)
+    # the benchmark's own intervals of the one call (unrounded resamples) against those merged from the steps
+    for table in ("table1", "fig7_steps"):
+        ref = json.loads((tmp_path / "one" / "robustdet" / f"{table}.json").read_text())["result"]
+        res, _ = merge_model_steps([json.loads((tmp_path / "per" / "robustdet" / f"{table}_{m}.json").read_text())
+                                    for m in models])
+        assert res["models"] == models and res["map50"] == ref["map50"]
+        for key in ("map50", "paired"):
+            for m, cols in ref["intervals"][key].items():
+                assert set(res["intervals"][key][m]) == set(cols)
+                for col, ci in cols.items():
+                    for k in ("value", "lo", "hi"):
+                        got = res["intervals"][key][m][col][k]
+                        assert got == pytest.approx(ci[k], abs=2e-6), (table, key, m, col, k)
+    assert [c["id"] for c in split["claims"]] == [c["id"] for c in whole["claims"]]
+    for a, b in zip(whole["claims"], split["claims"]):
+        assert a["verdict"] == b["verdict"]
+        assert b["interval"] is None or b["interval"]["value"] == pytest.approx(a["interval"]["value"], abs=2e-6)
+    md = (tmp_path / "per" / "robustdet.md").read_text()
+    assert "Table 1 is partial" not in md and "(robustdet/fig7_steps.png)" in md
 
 
 def test_weights_fingerprint_is_the_zoo_file_sha256(tmp_path, monkeypatch):

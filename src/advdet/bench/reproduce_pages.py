@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from advdet.bench.reproduce_steps import FORMAT, RAD_DEFAULT_SETTING, Step, step_groups
 
 
@@ -221,17 +223,72 @@ def _ensembles_section(rep, record: Mapping | None) -> list[dict]:
     return goals
 
 
-def _rob_page(rep, records: Mapping[str, dict], out: Path) -> dict:
+#: per-model fields of a robustness result, gathered model by model when a group's steps are merged
+_PER_MODEL = ("map50", "clean", "seconds", "scores", "weights", "attack_settings")
+
+
+def merge_model_steps(records: Sequence[Mapping]) -> tuple[dict, dict] | None:
+    """One robustness result from the step files of one group (one or more models each, the same images,
+    seeds and resamples): the models in step order, their per-model fields, and the intervals and paired
+    differences (against the first model) recomputed from the steps' per-resample mAP50 values
+    (``derived["samples"]``); returns (result, {model: {column: samples}}), or None without records."""
+    from advdet.bench.intervals import grid_intervals
+
+    if not records:
+        return None
+    first = records[0]["result"]
+    sizes = {r["result"]["images"] for r in records}
+    if len(sizes) > 1:
+        raise ValueError(f"the steps of one table were made on different numbers of images: {sorted(sizes)}")
+    res = dict(first)
+    res["models"] = [m for r in records for m in r["result"]["models"]]
+    for key in _PER_MODEL:
+        if isinstance(first.get(key), dict):
+            res[key] = {m: r["result"][key][m] for r in records for m in r["result"]["models"]}
+    samples = {m: {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+               for r in records for m, cols in (r.get("derived") or {}).get("samples", {}).items()}
+    block = first.get("intervals")
+    if block and set(samples) >= set(res["models"]):
+        points = {m: {k: _cell_value(res, m, k) for k in samples[m]} for m in res["models"]}
+        res["intervals"] = grid_intervals(points, samples, res["models"], n_images=block["images"],
+                                          n_boot=block["n_boot"], seed=block["seed"], level=block["level"])
+    else:
+        res["intervals"] = None
+    return res, samples
+
+
+def _cell_value(res: Mapping, model: str, key: str) -> float | None:
+    """The point mAP50 of one cell of a robustness table (``key`` an attack) or steps sweep (``clean`` or
+    ``ATTACK@STEPS``)."""
+    if res.get("kind") != "steps_sweep":
+        return res["map50"][model][key]
+    if key == "clean":
+        return res["clean"][model]
+    attack, steps = key.rsplit("@", 1)
+    return res["map50"][model][attack][res["steps"].index(int(steps))]
+
+
+def _group_records(records: Mapping[str, dict], groups: Mapping[str, list[str]], group: str) -> list[dict]:
+    return [records[n] for n in groups.get(group, []) if n in records]
+
+
+def _rob_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, list[str]]) -> dict:
     from advdet.bench import intervals as ci
+    from advdet.bench.reproduce_claims import robustdet_claims
     from advdet.bench.robustness_columns import ATTACK_LABELS, attack_label
     from advdet.bench.robustness_report import sweep_figure, sweep_rows, table_rows
 
     summary: dict = {"claims": []}
-    t1 = records.get("table1")
+    t1 = merge_model_steps(_group_records(records, groups, "table1"))
+    missing = [n for n in groups.get("table1", []) if n not in records]
     if t1 is not None:
-        res = t1["result"]
-        claims = t1["derived"].get("claims", [])
+        res, samples = t1
+        # a claim compares models: with one of them missing it would be judged on the others only
+        claims = robustdet_claims(res, {"cells": samples}) if res["intervals"] and not missing else []
         summary["claims"] = claims
+        if missing:
+            rep.add_text(f"Table 1 is partial, so no verdict is given yet: not run yet "
+                         f"{', '.join(f'`{n}`' for n in missing)}.")
         rep.add_table("Verdicts: the paper's claims", ["claim", "text", "statistic", "value [95 % interval] (points)",
                                                         "threshold", "verdict"], _claim_rows(claims),
                       note="differences computed on every bootstrap resample of the images (paired); holds: the "
@@ -246,10 +303,10 @@ def _rob_page(rep, records: Mapping[str, dict], out: Path) -> dict:
         if t is not None:
             rep.add_table(f"Table 1, paired: each model minus {res['models'][0]}", *t)
     else:
-        rep.add_text("## Verdicts\n\nTable 1 (the step the verdicts come from) has not run yet.")
-    f7 = records.get("fig7_steps")
+        rep.add_text("## Verdicts\n\nTable 1 (the steps the verdicts come from) has not run yet.")
+    f7 = merge_model_steps(_group_records(records, groups, "fig7_steps"))
     if f7 is not None:
-        res = f7["result"]
+        res = f7[0]
         for a in res["attacks"]:
             t = ci.sweep_interval_table(res, a)
             cols, rows = t if t is not None else sweep_rows(res, a)
@@ -297,7 +354,8 @@ def write_page(target: str, out: Path, steps: Sequence[Step], status: Mapping[st
                     records[s.name].get("finished_utc") if s.name in records else None] for s in steps])
     rep.add_table("Weights", ["model", "file", "sha256"],
                   [[m, w["file"] or w["origin"], w["sha256"] or "-"] for m, w in weights.items()])
-    summary = _rad_page(rep, records, out, step_groups(steps)) if target == "rad" else _rob_page(rep, records, out)
+    groups = step_groups(steps)
+    summary = _rad_page(rep, records, out, groups) if target == "rad" else _rob_page(rep, records, out, groups)
     page = {"format": FORMAT, "target": target, "command": command, "written_utc": now_utc(), "wall_seconds": wall,
             "step_seconds": step_seconds, "steps": {s.name: {"file": f"{target}/{s.name}.json",
                                                              "status": status.get(s.name, "reused" if s.name in

@@ -23,7 +23,8 @@ def reproduce_cmd(
         steps: Optional[str] = typer.Option(None, help="Comma list of steps or groups of steps to run (default "
                                             "all; rad: table3 and the groups table1_node_type (_loc, _size), "
                                             "table2_technique (_none, _DI, _TI), fig7_eps (_4, _8, _12), "
-                                            "ensembles (leave-one-out); robustdet: table1, fig7_steps)."),
+                                            "ensembles (leave-one-out); robustdet: the groups table1 and fig7_steps, "
+                                            "one step per model: table1_ssd_vgg, fig7_steps_robustdet, ...)."),
         batch_size: int = typer.Option(8, help="Images per batch."),
         seed: int = typer.Option(0, help="Attack seed."),
         n_boot: int = typer.Option(1000, help="Bootstrap resamples of the images for the intervals and verdicts."),
