@@ -86,7 +86,7 @@ SINGLE = {  # fast settings of the attacks compared with their ensembles of iden
 
 
 @pytest.mark.parametrize("name", list(SINGLE))
-@pytest.mark.parametrize("ens_kw", [{}, {"normalize": True}, {"weights": "loss"}], ids=["equal", "l1", "loss"])
+@pytest.mark.parametrize("ens_kw", [{"normalize": False}, {}, {"weights": "loss"}], ids=["raw", "l1", "loss"])
 def test_ensemble_of_identical_surrogates_equals_one_surrogate(name, ens_kw):
     m = _ssd(0)
     x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -103,12 +103,15 @@ def test_ensemble_of_identical_surrogates_equals_one_surrogate(name, ens_kw):
     assert torch.allclose(w, torch.full_like(w, 0.5))
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", [False, True, None], ids=["raw", "l1", "default-l1"])
 def test_two_member_gradient_is_the_weighted_mean_of_the_members_gradients(normalize):
     a, b = _ssd(0), _ssd(1)
     x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     tg = _gt(2)
-    atk = build_attack("pgd", SurrogateEnsemble([a, b]), weights=[1, 3], normalize=normalize)
+    kw = {} if normalize is None else {"normalize": normalize}
+    atk = build_attack("pgd", SurrogateEnsemble([a, b]), weights=[1, 3], **kw)
+    normalize = True if normalize is None else normalize  # the default: every member's gradient L1-normalised
+    assert atk.hyperparameters()["normalize"] is normalize
     assert atk.weights == [0.25, 0.75]
     state = atk._prepare_state(x, tg, None)
     atk.on_step(0, x, state)

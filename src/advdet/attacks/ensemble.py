@@ -18,8 +18,9 @@ update rule, transforms, valid_only) whose hooks call every member's:
 - ``on_step``: each member's ``on_step`` on the current image; an image stays active while any member
   keeps it active (DAG's stopping rule);
 - the gradient: per image, ``g = sum_m w_m * N(g_m)`` with ``g_m`` the gradient of member ``m``'s own
-  objective (its ``total_objective``), ``N`` the identity or, with ``normalize=True``, the division by
-  the image's mean ``|g_m|`` (an L1 normalisation: no member dominates by the scale of its loss), and
+  objective (its ``total_objective``), ``N`` the division by the image's mean ``|g_m|`` (an L1
+  normalisation, the default: no member dominates by the scale of its loss) or, with ``normalize=False``,
+  the identity (the gradient of the weighted sum of the members' objectives), and
   ``w`` the weights, summing to 1 per image. The members' graphs are built one after the other, so the
   memory is one member's. Input transforms (SI, DI) wrap the whole sum, filters (TI) and momentum (MI)
   act on it, as for one surrogate;
@@ -183,7 +184,8 @@ class EnsembleAttack(Attack):
         weights: ``"equal"`` (default), ``"loss"`` (EBAD-style balancing: per step and image, ``w_m``
             proportional to ``1 / |objective_m|``) or a list of one number per member (fixed, normalised).
         normalize: divide each member's gradient by its per-image mean absolute value before weighting
-            (``ens-pgd``'s L1 normalisation).
+            (the default; ``ens-pgd``'s L1 normalisation). ``False`` sums the raw gradients: then the member
+            with the largest gradients steers the attack (measured on the zoo: yolov3's, docs/attacks.md).
         **kw: the attack's own hyper-parameters, given to every member; the loop settings (eps, step,
             steps, update, transforms, valid_only, random_start, filter_terms) are the first member's.
 
@@ -195,7 +197,7 @@ class EnsembleAttack(Attack):
     #: ``build_attack`` hands an ensemble to this class as it is (no second wrapping)
     ensemble_native: ClassVar[bool] = True
 
-    def __init__(self, model, *, attack: str, weights: Any = "equal", normalize: bool = False, **kw: Any):
+    def __init__(self, model, *, attack: str, weights: Any = "equal", normalize: bool = True, **kw: Any):
         from advdet.attacks.rad import RAD
         from advdet.attacks.registry import ATTACKS, build_attack
 

@@ -81,7 +81,7 @@ def attack_cmd(
                                             "ultralytics:YAML|FILE.pt or hf:CONFIG|DIR (default for "
                                             "classifier attacks: classifier); a+b+c is one ensemble that "
                                             "averages the attack over its members (ATTACK:weights=loss|"
-                                            "equal|[w,...],normalize=true)."),
+                                            "equal|[w,...],normalize=false)."),
         data: str = typer.Option("shapes-val", help="shapes-train, shapes-val, or an images folder (with --ann)."),
         out: Optional[Path] = typer.Option(None, help="Output folder (COCO format: images/, instances.json, "
                                            "card.json)."),

@@ -173,7 +173,7 @@ def bench_transfer(
         leave_one_out: bool = typer.Option(False, "--leave-one-out", help="Per detector attack, attack every "
                                            "victim with the ensemble of the other victims (rows 'ens-ATTACK "
                                            "without VICTIM'; black-box number: that victim). Ensemble options "
-                                           "in the spec: ATTACK:weights=loss|equal|[w,...],normalize=true.")) -> None:
+                                           "in the spec: ATTACK:weights=loss|equal|[w,...],normalize=false.")) -> None:
     """Transfer table (RAD Table 3): craft once per (surrogate, attack), evaluate every victim."""
     from advdet.bench.demo import trained_detectors
     from advdet.bench.transfer import transfer_matrix
