@@ -86,7 +86,8 @@ SINGLE = {  # fast settings of the attacks compared with their ensembles of iden
 
 
 @pytest.mark.parametrize("name", list(SINGLE))
-@pytest.mark.parametrize("ens_kw", [{"normalize": False}, {}, {"weights": "loss"}], ids=["raw", "l1", "loss"])
+@pytest.mark.parametrize("ens_kw", [{"normalize": False}, {}, {"weights": "loss"},
+                                    {"weights": "loss", "normalize": True}], ids=["raw", "l1", "loss", "loss-l1"])
 def test_ensemble_of_identical_surrogates_equals_one_surrogate(name, ens_kw):
     m = _ssd(0)
     x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -199,6 +200,8 @@ def test_plan_rows_leave_one_out():
     assert [r.label for r in rows[2:4]] == ["ens-rad without yolov3 eps=8", "ens-rad without yolov3 eps=16"]
     rows = plan_rows([], ["ens-pgd"], leave_one_out=pool)  # an ensemble attack keeps its own name
     assert [r.label for r in rows[2:]] == ["ens-pgd without yolov3", "ens-pgd without ssd_vgg", "ens-pgd without fcos"]
+    with pytest.raises(ValueError, match="'pgd' and 'ens-pgd' both make the row 'ens-pgd without yolov3'"):
+        plan_rows([], ["pgd", "ens-pgd"], leave_one_out=pool)
     with pytest.raises(ValueError, match="at least two"):
         plan_rows([], ["rad"], leave_one_out=["yolov3"])
 

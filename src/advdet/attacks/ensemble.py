@@ -19,8 +19,9 @@ update rule, transforms, valid_only) whose hooks call every member's:
   keeps it active (DAG's stopping rule);
 - the gradient: per image, ``g = sum_m w_m * N(g_m)`` with ``g_m`` the gradient of member ``m``'s own
   objective (its ``total_objective``), ``N`` the division by the image's mean ``|g_m|`` (an L1
-  normalisation, the default: no member dominates by the scale of its loss) or, with ``normalize=False``,
-  the identity (the gradient of the weighted sum of the members' objectives), and
+  normalisation, the default: no member dominates by the scale of its loss) or, with ``normalize=False``
+  and by default with ``weights="loss"``, the identity (the gradient of the weighted sum of the members'
+  objectives), and
   ``w`` the weights, summing to 1 per image. The members' graphs are built one after the other, so the
   memory is one member's. Input transforms (SI, DI) wrap the whole sum, filters (TI) and momentum (MI)
   act on it, as for one surrogate;
@@ -37,7 +38,8 @@ CVPR 2023, sec. 3.2: without balancing, the member with the largest loss dominat
 - a list of M numbers: fixed user weights (normalised to sum 1), e.g. ``--set weights=[2,1,1]``.
 
 With identical members and equal weights the ensemble gives the single surrogate's images (the mean of
-M equal gradients is that gradient). All members draw from one random stream, the composite's
+M equal gradients is that gradient, rescaled per image when normalised, and every update rule is blind to
+a per-image scale: sign, or the L1-normalised step). All members draw from one random stream, the composite's
 ``generator`` (``manual_seed`` resets it). RAD members see the letterbox padding at their ``pad_value``
 as RAD does alone, and RAD's micro-batches (``micro_batch``) are kept. Attacks that run their own loop
 (``mtd``, ``dag-robustdet``, ``gaussian``) and classifier attacks have no ensemble form and are refused.
@@ -184,8 +186,10 @@ class EnsembleAttack(Attack):
         weights: ``"equal"`` (default), ``"loss"`` (EBAD-style balancing: per step and image, ``w_m``
             proportional to ``1 / |objective_m|``) or a list of one number per member (fixed, normalised).
         normalize: divide each member's gradient by its per-image mean absolute value before weighting
-            (the default; ``ens-pgd``'s L1 normalisation). ``False`` sums the raw gradients: then the member
-            with the largest gradients steers the attack (measured on the zoo: yolov3's, docs/attacks.md).
+            (``ens-pgd``'s L1 normalisation). ``False`` sums the raw gradients: then the member with the
+            largest gradients steers the attack (measured on the zoo: yolov3's, docs/attacks.md), unless
+            the weights balance them. Default (None): ``True``, except with ``weights="loss"`` (EBAD weights
+            the raw objectives).
         **kw: the attack's own hyper-parameters, given to every member; the loop settings (eps, step,
             steps, update, transforms, valid_only, random_start, filter_terms) are the first member's.
 
@@ -197,7 +201,7 @@ class EnsembleAttack(Attack):
     #: ``build_attack`` hands an ensemble to this class as it is (no second wrapping)
     ensemble_native: ClassVar[bool] = True
 
-    def __init__(self, model, *, attack: str, weights: Any = "equal", normalize: bool = True, **kw: Any):
+    def __init__(self, model, *, attack: str, weights: Any = "equal", normalize: bool | None = None, **kw: Any):
         from advdet.attacks.rad import RAD
         from advdet.attacks.registry import ATTACKS, build_attack
 
@@ -225,7 +229,8 @@ class EnsembleAttack(Attack):
         self.member_names = list(ens.names)
         self._fixed = _fixed_weights(weights, len(members), label)
         self.weights = weights.strip() if self._fixed is None else list(self._fixed)
-        self.normalize = bool(normalize)
+        # default: L1-normalised members, except under EBAD's loss weights, which balance the raw objectives
+        self.normalize = self.weights != "loss" if normalize is None else bool(normalize)
         self._members = members
         for m in members:
             m.generator = self.generator  # one random stream for the whole attack

@@ -185,18 +185,22 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
 
     status: dict[str, str] = {}
     missing: list[tuple[Step, Path, dict]] = []
-    for step in todo:
+    picked = {s.name for s in todo}
+    for step in all_steps:  # every step file present, picked or not, goes on the page: all must match
         path = out / target / f"{step.name}.json"
         cfg = _config(target, step, data=data, limit=limit, seed=seed, batch_size=batch_size, n_boot=n_boot,
                       boot_seed=boot_seed, attack_kwargs=attack_kwargs, weights=weights)
         if not path.is_file():
-            missing.append((step, path, cfg))
+            if step.name in picked:
+                missing.append((step, path, cfg))
             continue
         old = read_json(path)
         if old.get("config") != cfg:
             keys = _diff_keys(old.get("config") or {}, cfg)
             raise StaleStepError(f"{path}: made with other settings ({', '.join(keys)} differ); it is kept. "
                                  "Pass another --out, or move the file away to recompute it")
+        if step.name not in picked:
+            continue
         status[step.name] = "reused"
         log.info("%s: reusing %s", step.name, path)
         if on_step is not None:

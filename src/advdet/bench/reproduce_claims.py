@@ -196,12 +196,12 @@ def rad_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL)
 
 def held_out_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL) -> list[dict]:
     """The project's goal on the leave-one-out rows of a ``transfer_matrix`` result (``leave_one_out``), per
-    attack: the ensemble of every other victim halves the held-out victim's mAP50, ``1 - row/No Attack``
-    >= 0.5 on every held-out victim. Each entry: ``attack``, ``parts`` per held-out victim (``label``,
-    ``ensemble`` (its members), reduction ``interval``, ``verdict``, ``map50`` / ``clean_map50``), ``worst``
-    and ``verdict`` (every held-out victim)."""
+    attack (and sweep value): the ensemble of every other victim halves the held-out victim's mAP50,
+    ``1 - row/No Attack`` >= 0.5 on every held-out victim. Each entry: ``attack``, ``sweep_value``, ``parts``
+    per held-out victim (``label``, ``ensemble`` (its members), reduction ``interval``, ``verdict``,
+    ``map50`` / ``clean_map50``), ``worst`` and ``verdict`` (every held-out victim)."""
     rows, cells = result["rows"], samples["cells"]
-    by_attack: dict[str, list[dict]] = {}
+    by_attack: dict[tuple, list[dict]] = {}
     for ri, r in enumerate(rows):
         v = r.get("held_out")
         if v is None:
@@ -210,12 +210,12 @@ def held_out_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_L
         ci = reduction_interval(att, clean, cells[(ri, v)], cells[(0, v)], level)
         part = _part(v, ci, HALVED)
         part.update(ensemble=r.get("surrogate"), map50=att, clean_map50=clean)
-        by_attack.setdefault(r["attack"], []).append(part)
+        by_attack.setdefault((r["attack"], r.get("sweep_value")), []).append(part)
     out = []
-    for attack, parts in by_attack.items():
+    for (attack, value), parts in by_attack.items():
         defined = [p for p in parts if p["interval"]["value"] is not None]
         worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
-        out.append({"attack": attack, "threshold": HALVED, "parts": parts, "worst": worst,
+        out.append({"attack": attack, "sweep_value": value, "threshold": HALVED, "parts": parts, "worst": worst,
                     "verdict": combine([p["verdict"] for p in parts])})
     return out
 

@@ -208,14 +208,19 @@ def _ensembles_section(rep, record: Mapping | None) -> list[dict]:
         rep.add_text(f"## {title}\n\nNot run yet (step `ensembles`).")
         return []
     goals = record["derived"].get("held_out_goal", [])
-    table = [[g["attack"], p["label"], p["ensemble"], _fmt(p["interval"]), p["verdict"]]
+    def name(g: Mapping) -> str:
+        return g["attack"] if g.get("sweep_value") is None else f"{g['attack']} [{g['sweep_value']}]"
+
+    table = [[name(g), p["label"], p["ensemble"], _fmt(p["interval"]), p["verdict"]]
              for g in goals for p in g["parts"]]
-    table += [[g["attack"], "every held-out victim", f"worst: {g['worst'] or '-'}", "-", f"**{g['verdict']}**"]
+    table += [[name(g), "every held-out victim", f"worst: {g['worst'] or '-'}", "-", f"**{g['verdict']}**"]
               for g in goals]
     rep.add_table(title, ["attack", "held-out victim", "ensemble", "mAP50 cut % [95 % interval]",
                           "verdict (>= 50 %)"], table,
-                  note="1 - ensemble row/No Attack mAP50 of the held-out victim, per resample; the project's goal "
-                       "(halve every unseen family) holds for an attack when it holds on every held-out victim")
+                  note="1 - ensemble row/No Attack mAP50 of the held-out victim, per resample; the goal (halve "
+                       "the mAP50 of every held-out detector) holds for an attack when it holds on every one. A "
+                       "held-out detector is unseen, but its backbone's pretraining may be in the ensemble "
+                       "(docs/benchmark.md)")
     ci_table = transfer_interval_table(record["result"])
     if ci_table is not None:
         rep.add_table("Leave-one-out ensembles: box mAP50 (x100) with 95 % bootstrap intervals", *ci_table,
@@ -237,9 +242,11 @@ def merge_model_steps(records: Sequence[Mapping]) -> tuple[dict, dict] | None:
     if not records:
         return None
     first = records[0]["result"]
-    sizes = {r["result"]["images"] for r in records}
-    if len(sizes) > 1:
-        raise ValueError(f"the steps of one table were made on different numbers of images: {sorted(sizes)}")
+    shared = [{k: v for k, v in r["config"].items() if k not in ("step", "params", "weights_sha256")}
+              | {"params": {k: v for k, v in r["config"]["params"].items() if k != "models"}} for r in records]
+    if any(c != shared[0] for c in shared[1:]):
+        raise ValueError("the steps of one table were made with different settings: "
+                         + ", ".join(r["config"]["step"] for r in records))
     res = dict(first)
     res["models"] = [m for r in records for m in r["result"]["models"]]
     for key in _PER_MODEL:
@@ -307,6 +314,9 @@ def _rob_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, 
     f7 = merge_model_steps(_group_records(records, groups, "fig7_steps"))
     if f7 is not None:
         res = f7[0]
+        missing = [n for n in groups.get("fig7_steps", []) if n not in records]
+        if missing:
+            rep.add_text(f"Fig. 7 is partial: not run yet {', '.join(f'`{n}`' for n in missing)}.")
         for a in res["attacks"]:
             t = ci.sweep_interval_table(res, a)
             cols, rows = t if t is not None else sweep_rows(res, a)

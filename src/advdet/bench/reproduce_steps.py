@@ -13,8 +13,8 @@ RAD (surrogate ``yolov3``, every zoo detector a victim, eps 16, ``shapes-val``):
 - ``fig7_eps_4``, ``_8``, ``_12`` (group ``fig7_eps``): RAD at eps 4, 8, 12 (eps 16 is Table 3's row);
 - ``ensembles``: the leave-one-out ensembles, every victim attacked by the ensemble of the other victims
   (``ens-pgd``: sign-PGD on their detection losses, each member's gradient L1-normalised, eps 16): how
-  close the project's goal, halving the mAP50 of every unseen family, comes when the attacker holds every
-  other family.
+  close the project's goal, halving the mAP50 of every held-out detector, comes when the attacker holds
+  every other one.
 
 A sweep is one step per value, so that ``--jobs`` can share its RAD runs out evenly (one RAD run takes
 minutes; a whole sweep in one step left a worker idle at the end); the page gathers a group's steps into one
@@ -136,15 +136,16 @@ def step_cost(step: Step) -> float:
     """A rough relative cost of a step, to start the costliest first when steps run in parallel: a RAD row
     (per sweep value or eps) counts 10 with SI, RAD's default (:data:`_RAD_TECHNIQUE_COST` for the others),
     any other attack row 0.5 (16 images: RAD 130-140 s, the other rows 3-8 s of crafting and 2 s of
-    evaluation each; Table 3 210 s), and 0.5 per member of every leave-one-out ensemble (each member is one
-    more surrogate gradient per step); a robustness cell (model x attack) counts 40, about the mean attack
+    evaluation each; Table 3 210 s), and 0.7 per member of every leave-one-out ensemble (each member is one
+    more surrogate gradient per step; six ensembles of five members took about 150 CPU-s on 8 images); a
+    robustness cell (model x attack) counts 40, about the mean attack
     steps of Table 1 (20-step PGDs, a 150-step DAG), a steps-sweep cell the sum of its steps."""
     p = step.params
     if step.kind == "transfer":
         values = p.get("sweep_values") or (p["eps"] if isinstance(p["eps"], list) else [p["eps"]])
         if p.get("leave_one_out"):
             pool = len(p["victims"]) if p["leave_one_out"] is True else len(p["leave_one_out"])
-            return float(len(p["attacks"]) * 0.5 * pool * (pool - 1) * len(values))
+            return float(len(p["attacks"]) * pool * (pool - 1) * len(values) * 7 / 10)
         if p.get("sweep") == "technique":
             rad = sum(_RAD_TECHNIQUE_COST.get(str(v), 10.0) for v in values)
         else:

@@ -175,6 +175,12 @@ def plan_rows(surrogates: Sequence[str], attacks: Sequence[str], *, eps: float |
                     row_label = f"{label} eps={float(v):g}" if sweep == "eps" else f"{label} [{v}]"
                 rows.append(RowSpec(row_label, name, "classifier" if is_cls else "detector", sur, kw,
                                     sweep if v is not None else None, v, held))
+    seen: dict[str, str] = {}
+    for r in rows:  # the reports key rows by label
+        if r.label in seen and seen[r.label] != r.attack:
+            raise ValueError(f"attacks {seen[r.label]!r} and {r.attack!r} both make the row {r.label!r} "
+                             f"(leave-one-out rows of X are 'ens-X without H'); run them in separate tables")
+        seen.setdefault(r.label, r.attack)
     return rows
 
 
