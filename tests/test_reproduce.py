@@ -444,6 +444,13 @@ def test_weights_fingerprint_is_the_zoo_file_sha256(tmp_path, monkeypatch):
     else:
         assert fp["sha256"] == sha256_file(entry.weights_path) and fp["origin"] == "zoo"
     assert rp._weights_fingerprint("ssd_vgg", {"ssd_vgg": object()})["origin"] == "given"
+    # the page names a shipped file by its place in the package, not by the folder of the checkout
+    from advdet.bench.reproduce_pages import _shown_file
+
+    zoo = {"file": "/tmp/clone/src/advdet/zoo_weights/yolov3.safetensors", "sha256": "ab", "origin": "zoo"}
+    assert _shown_file(zoo) == "advdet/zoo_weights/yolov3.safetensors"
+    assert _shown_file({"file": "/data/mine.pt", "sha256": "cd", "origin": "file"}) == "/data/mine.pt"
+    assert _shown_file({"file": None, "sha256": None, "origin": "given"}) == "given"
 
 
 def test_unknown_target_and_step_are_user_errors(tmp_path):

@@ -65,6 +65,15 @@ def _page_weights(records: Mapping[str, dict], fingerprints: Mapping[str, dict])
     return out
 
 
+def _shown_file(w: Mapping) -> str:
+    """A weights file as the page shows it: a shipped zoo file as ``advdet/zoo_weights/NAME`` (the package's,
+    wherever it is installed; the JSON keeps the full path), any other file as it is, else the origin."""
+    if not w.get("file"):
+        return w["origin"]
+    p = Path(w["file"])
+    return f"advdet/zoo_weights/{p.name}" if w.get("origin") == "zoo" and p.parent.name == "zoo_weights" else str(p)
+
+
 def _claim_rows(claims: Sequence[dict]) -> list[list]:
     """Rows of the verdict table: one per claim (its interval or, for a claim over parts, the combined
     verdict), then one per part."""
@@ -363,7 +372,7 @@ def write_page(target: str, out: Path, steps: Sequence[Step], status: Mapping[st
                     records[s.name]["seconds"] if s.name in records else None,
                     records[s.name].get("finished_utc") if s.name in records else None] for s in steps])
     rep.add_table("Weights", ["model", "file", "sha256"],
-                  [[m, w["file"] or w["origin"], w["sha256"] or "-"] for m, w in weights.items()])
+                  [[m, _shown_file(w), w["sha256"] or "-"] for m, w in weights.items()])
     groups = step_groups(steps)
     summary = _rad_page(rep, records, out, groups) if target == "rad" else _rob_page(rep, records, out, groups)
     page = {"format": FORMAT, "target": target, "command": command, "written_utc": now_utc(), "wall_seconds": wall,
