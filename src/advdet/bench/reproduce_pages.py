@@ -217,6 +217,7 @@ def _ensembles_section(rep, record: Mapping | None) -> list[dict]:
         rep.add_text(f"## {title}\n\nNot run yet (step `ensembles`).")
         return []
     goals = record["derived"].get("held_out_goal", [])
+
     def name(g: Mapping) -> str:
         return g["attack"] if g.get("sweep_value") is None else f"{g['attack']} [{g['sweep_value']}]"
 
