@@ -354,8 +354,9 @@ def write_page(target: str, out: Path, steps: Sequence[Step], status: Mapping[st
     rep = Report(f"{paper} on the shipped zoo: advdet reproduce {target}", float_format="{:.1f}")
     first = next(iter(records.values()), None)
     images = first["result"].get("images") if first else None
-    lines = [f"Made by `{command}` (advdet {__version__}; resumable: every step is kept in `{target}/STEP.json` "
+    lines = [f"**Command:** `{command}` (advdet {__version__}; resumable: every step is kept in `{target}/STEP.json` "
              "and reused when present).", "",
+             f"- **Weights:** the {len(weights)} files in the table below, with their sha256",
              f"- data: `{first['config']['data'] if first else '-'}`, {images if images is not None else limit} "
              f"images; seed {first['config']['seed'] if first else '-'}; "
              f"{first['config']['n_boot'] if first else '-'} bootstrap resamples",
