@@ -164,7 +164,7 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
     out = Path(out)
     all_steps = list(plan) if plan is not None else (rad_steps() if target == "rad" else robustdet_steps())
     known = [s.name for s in all_steps]
-    todo = all_steps
+    picked = set(known)
     if steps:
         groups = {g: names for g, names in step_groups(all_steps).items() if g not in known}
         bad = [s for s in steps if s not in known and s not in groups]
@@ -172,7 +172,6 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
             also = f" (or a group: {', '.join(groups)})" if groups else ""
             raise AdvdetError(f"unknown step {', '.join(bad)} of {target}; its steps are {', '.join(known)}{also}")
         picked = {n for s in steps for n in groups.get(s, [s])}
-        todo = [s for s in all_steps if s.name in picked]
     command = command or reproduce_command(target, limit=limit, out=out, steps=steps, jobs=jobs)
     attack_kwargs = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
     if data in ("shapes-val", "shapes-train"):
@@ -185,7 +184,6 @@ def reproduce(target: str, out: str | Path = "docs/results", *, limit: int | Non
 
     status: dict[str, str] = {}
     missing: list[tuple[Step, Path, dict]] = []
-    picked = {s.name for s in todo}
     for step in all_steps:  # every step file present, picked or not, goes on the page: all must match
         path = out / target / f"{step.name}.json"
         cfg = _config(target, step, data=data, limit=limit, seed=seed, batch_size=batch_size, n_boot=n_boot,

@@ -172,6 +172,13 @@ def rad_claims(result: Mapping, samples: Mapping, *, reference: str = "rad",
     return out
 
 
+def _halved(parts: list[dict]) -> dict:
+    """The goal "halved on every part": the parts, the one with the smallest reduction, the combined verdict."""
+    defined = [p for p in parts if p["interval"]["value"] is not None]
+    worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
+    return {"threshold": HALVED, "parts": parts, "worst": worst, "verdict": combine([p["verdict"] for p in parts])}
+
+
 def rad_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL) -> list[dict]:
     """The project's goal for its best transfer attack, per attack row (and the Ablation, for scale):
     halve the black-box mAP50 of every unseen zoo family, i.e. ``1 - row/No Attack`` >= 0.5 on every
@@ -187,10 +194,7 @@ def rad_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_LEVEL)
             ci = reduction_interval(_point(r["metrics"][v]["map50"]), _point(rows[0]["metrics"][v]["map50"]),
                                     cells[(ri, v)], cells[(0, v)], level)
             parts.append(_part(v, ci, HALVED))
-        defined = [p for p in parts if p["interval"]["value"] is not None]
-        worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
-        out.append({"attack": r["label"], "kind": r["kind"], "surrogate": r.get("surrogate"), "threshold": HALVED,
-                    "parts": parts, "worst": worst, "verdict": combine([p["verdict"] for p in parts])})
+        out.append({"attack": r["label"], "kind": r["kind"], "surrogate": r.get("surrogate"), **_halved(parts)})
     return out
 
 
@@ -213,10 +217,7 @@ def held_out_goal(result: Mapping, samples: Mapping, *, level: float = DEFAULT_L
         by_attack.setdefault((r["attack"], r.get("sweep_value")), []).append(part)
     out = []
     for (attack, value), parts in by_attack.items():
-        defined = [p for p in parts if p["interval"]["value"] is not None]
-        worst = min(defined, key=lambda p: p["interval"]["value"])["label"] if defined else None
-        out.append({"attack": attack, "sweep_value": value, "threshold": HALVED, "parts": parts, "worst": worst,
-                    "verdict": combine([p["verdict"] for p in parts])})
+        out.append({"attack": attack, "sweep_value": value, **_halved(parts)})
     return out
 
 

@@ -285,8 +285,11 @@ def _cell_value(res: Mapping, model: str, key: str) -> float | None:
     return res["map50"][model][attack][res["steps"].index(int(steps))]
 
 
-def _group_records(records: Mapping[str, dict], groups: Mapping[str, list[str]], group: str) -> list[dict]:
-    return [records[n] for n in groups.get(group, []) if n in records]
+def _group_records(records: Mapping[str, dict], groups: Mapping[str, list[str]],
+                   group: str) -> tuple[list[dict], list[str]]:
+    """The step files present of one group, and the names of its steps not run yet."""
+    names = groups.get(group, [])
+    return [records[n] for n in names if n in records], [n for n in names if n not in records]
 
 
 def _rob_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, list[str]]) -> dict:
@@ -296,8 +299,8 @@ def _rob_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, 
     from advdet.bench.robustness_report import sweep_figure, sweep_rows, table_rows
 
     summary: dict = {"claims": []}
-    t1 = merge_model_steps(_group_records(records, groups, "table1"))
-    missing = [n for n in groups.get("table1", []) if n not in records]
+    present, missing = _group_records(records, groups, "table1")
+    t1 = merge_model_steps(present)
     if t1 is not None:
         res, samples = t1
         # a claim compares models: with one of them missing it would be judged on the others only
@@ -321,10 +324,10 @@ def _rob_page(rep, records: Mapping[str, dict], out: Path, groups: Mapping[str, 
             rep.add_table(f"Table 1, paired: each model minus {res['models'][0]}", *t)
     else:
         rep.add_text("## Verdicts\n\nTable 1 (the steps the verdicts come from) has not run yet.")
-    f7 = merge_model_steps(_group_records(records, groups, "fig7_steps"))
+    present, missing = _group_records(records, groups, "fig7_steps")
+    f7 = merge_model_steps(present)
     if f7 is not None:
         res = f7[0]
-        missing = [n for n in groups.get("fig7_steps", []) if n not in records]
         if missing:
             rep.add_text(f"Fig. 7 is partial: not run yet {', '.join(f'`{n}`' for n in missing)}.")
         for a in res["attacks"]:
